@@ -1,0 +1,1 @@
+"""meta-cni: a multi-network meta CNI plugin for Kubernetes."""

@@ -1,0 +1,350 @@
+"""The meta plugin's commands: ADD, DEL, CHECK, STATUS and GC over the Source, Invoker and Cache seams.
+
+ADD: plan every attachment, persist the plan, run the delegates in order (rolling back in reverse on the
+first failure), publish the network-status, answer with the primary's result. DEL: from the cache only,
+in reverse, going on past failures; the cache entry is removed only when every delegate DEL succeeded,
+so a failed DEL can be retried and nothing is leaked.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import config as metaconfig
+from . import devices, netns, plan, selection, status
+from .cache import Cache, Record
+from .cni import args as cniargs
+from .cni import request as cnirequest
+from .cni import result as cniresult
+from .cni import version as cniversion
+from .cni.errors import INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, NOT_AVAILABLE, UNKNOWN_CONTAINER, CNIError
+from .invoke import Invocation, Invoker, chain
+from .invoke.exec import ExecInvoker
+from .networks import resolve_element, resolve_reference
+from .sources import Source, open_source
+
+log = logging.getLogger("meta-cni")
+
+
+@attrs.define
+class Context:
+    """Everything one command works with; the seams are fields so tests and the daemon can swap them."""
+
+    req: cnirequest.Request
+    cfg: metaconfig.MetaConfig
+    invoker: Invoker
+    _source: Source | None = None
+
+    @property
+    def source(self) -> Source:
+        if self._source is None:
+            self._source = open_source(self.cfg.manifests_dir)
+        return self._source
+
+    @property
+    def cache(self) -> Cache:
+        return Cache(self.cfg.cni_dir, self.req.network_name)
+
+    def invocation(self, command: str, netns: str | None = None) -> Invocation:
+        path = ((self.cfg.bin_dir,) if self.cfg.bin_dir else ()) + self.req.path
+        return Invocation(command=command, container_id=self.req.container_id,
+                          netns=self.req.netns if netns is None else netns, ifname="",
+                          cni_args=cniargs.render(self.req.args), path=path, where="")
+
+
+def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, source: Source | None = None) -> str | None:
+    """Execute one CNI command; the text to print on success (None for no output)."""
+    req = cnirequest.parse(env, stdin)
+    cfg = metaconfig.load(req.config)
+    ctx = Context(req=req, cfg=cfg, invoker=invoker or ExecInvoker(cfg.delegate_timeout), source=source)
+    handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
+    out = handler(ctx)
+    return json.dumps(out, indent=4) if out is not None else None
+
+
+# --- ADD ----------------------------------------------------------------------------------------------
+
+def pod_identity(req: cnirequest.Request) -> plan.PodIdentity:
+    name = req.pod_arg(cniargs.POD_NAME)
+    return plan.PodIdentity(
+        namespace=(req.pod_arg(cniargs.POD_NAMESPACE) or "default") if name else None, name=name,
+        uid=req.pod_arg(cniargs.POD_UID) or None, infra_container_id=req.pod_arg(cniargs.POD_INFRA_CONTAINER_ID),
+    )
+
+
+def _isolation(ctx: Context, el: selection.SelectionElement, pod_ns: str, where: str, extra: tuple[str, ...] = ()) -> None:
+    cfg = ctx.cfg
+    if cfg.namespace_isolation and el.namespace != pod_ns and el.namespace not in cfg.global_namespaces + extra:
+        raise CNIError(INVALID_CONFIG, f"{where}.namespace: network {el.ref} is in another namespace and "
+                       f"namespaceIsolation allows only {pod_ns!r} and {list(cfg.global_namespaces + extra)}")
+
+
+def build_plan(ctx: Context, ident: plan.PodIdentity) -> tuple[plan.Attachment, ...]:
+    cfg, req = ctx.cfg, ctx.req
+    pod = ctx.source.get_pod(ident.namespace, ident.name) if ident.name and ident.namespace else None
+    if pod is None and ident.name:
+        log.info("pod %s not in the source: attaching the cluster and default networks only", ident.ref)
+    if pod and pod.uid and ident.uid and pod.uid != ident.uid:
+        raise CNIError(UNKNOWN_CONTAINER, f"pod {pod.ref}: UID {pod.uid} in the source differs from K8S_POD_UID {ident.uid} "
+                       "(the sandbox belongs to an older pod of the same name)")
+    ann = pod.annotations if pod else {}
+    where_pod = f"pod {pod.ref}" if pod else ""
+    if pod and selection.DEFAULT_NETWORK in ann:
+        where = f"{where_pod}: annotation {selection.DEFAULT_NETWORK}"
+        el = selection.parse_default_network(ann[selection.DEFAULT_NETWORK], cfg.networks_namespace, where)
+        _isolation(ctx, el, pod.namespace, where, (cfg.networks_namespace,))
+        primary = resolve_element(el, cfg, ctx.source, where)
+    else:
+        primary = resolve_reference(cfg.cluster_network, cfg, ctx.source, "meta-cni config clusterNetwork")
+    defaults = []
+    if not (pod and pod.namespace in cfg.system_namespaces):
+        defaults = [resolve_reference(r, cfg, ctx.source, f"meta-cni config defaultNetworks[{i}]")
+                    for i, r in enumerate(cfg.default_networks)]
+    selected = []
+    if pod:
+        where = f"{where_pod}: annotation {selection.NETWORKS}"
+        for i, el in enumerate(selection.parse(ann.get(selection.NETWORKS, ""), pod.namespace, where)):
+            _isolation(ctx, el, pod.namespace, f"{where}: [{i}]")
+            selected.append(resolve_element(el, cfg, ctx.source, f"{where}: [{i}]"))
+    allocated: dict[str, list[str]] = {}
+    if any(t.network.resource_name for t in [primary, *defaults, *selected]):
+        allocated = devices.allocated(Path(cfg.kubelet_checkpoint), (pod.uid if pod else None) or ident.uid)
+    return plan.build(
+        ifname=req.ifname, container_id=req.container_id, runtime_args=req.args, runtime_config=cfg.runtime_config,
+        primary=primary, defaults=defaults, selected=selected, devices=allocated, device_info_dir=cfg.device_info_dir,
+    )
+
+
+def _read_device_info(att: plan.Attachment) -> dict[str, Any] | None:
+    if not att.device_info_file:
+        return None
+    try:
+        data = json.loads(Path(att.device_info_file).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _remove_device_info(att: plan.Attachment) -> None:
+    if att.device_info_file:
+        try:
+            os.unlink(att.device_info_file)
+        except OSError:
+            pass
+
+
+def _apply_default_route(ctx: Context, atts: tuple[plan.Attachment, ...], results: list[dict[str, Any]]) -> None:
+    """The NPWG `default-route` request: the element's gateways become the pod's only default routes."""
+    for i, att in enumerate(atts):
+        if not att.default_route:
+            continue
+        netns.set_default_route(ctx.req.netns, att.ifname, att.default_route)
+        for gw in att.default_route:
+            dst = "::/0" if ":" in gw else "0.0.0.0/0"
+            for res in results:
+                res["routes"] = [r for r in res.get("routes") or [] if r.get("dst") != dst]
+            results[i].setdefault("routes", []).append({"dst": dst, "gw": gw})
+
+
+def cmd_add(ctx: Context) -> dict[str, Any]:
+    req = ctx.req
+    ident = pod_identity(req)
+    atts = build_plan(ctx, ident)
+    present = netns.link_names(req.netns)
+    for att in atts:
+        if att.ifname in present:
+            raise CNIError(INTERNAL, f"interface {att.ifname!r} for network {att.name} already exists in {req.netns}")
+    record = Record(container_id=req.container_id, ifname=req.ifname, netns=req.netns, cni_version=req.cni_version,
+                    pod=ident, attachments=atts, results=(None,) * len(atts))
+    cache = ctx.cache
+    cache.save(record)
+    results: list[dict[str, Any]] = []
+    base = ctx.invocation("ADD")
+    try:
+        for att in atts:
+            results.append(chain.add(att, ctx.invoker, base))
+        _apply_default_route(ctx, atts, results)
+        device_infos = [status.device_info_for(a, _read_device_info(a)) for a in atts]
+        pod_status = status.build(atts, results, device_infos)
+        record = attrs.evolve(record, results=tuple(results))
+        cache.save(record)
+        if ident.name and ident.namespace and ctx.source.get_pod(ident.namespace, ident.name) is not None:
+            ctx.source.publish_status(ident.namespace, ident.name, pod_status)
+    except CNIError as first:
+        _rollback(ctx, record, atts, results, first)
+        raise
+    return render(results, req.cni_version)
+
+
+def _rollback(ctx: Context, record: Record, atts: tuple[plan.Attachment, ...], results: list[dict[str, Any]],
+              first: CNIError) -> None:
+    """Undo every attachment made so far and the one that failed, in reverse order."""
+    done = list(results) + [None] * (len(atts) - len(results))
+    attempted = min(len(results) + 1, len(atts))
+    base = ctx.invocation("DEL")
+    errors: list[CNIError] = []
+    for i in range(attempted - 1, -1, -1):
+        errors.extend(chain.delete(atts[i], ctx.invoker, base, done[i]))
+        _remove_device_info(atts[i])
+    if errors:
+        # Keep the cache so that the runtime's DEL retries what could not be undone now.
+        ctx.cache.save(attrs.evolve(record, results=tuple(done)))
+        first.details = "; ".join(([first.details] if first.details else []) + [f"rollback: {e.msg}" for e in errors])
+        log.error("rollback after failed ADD left %d error(s): %s", len(errors), "; ".join(e.msg for e in errors))
+    else:
+        ctx.cache.remove(record.container_id, record.ifname)
+
+
+def render(results: list[dict[str, Any]], version: str) -> dict[str, Any]:
+    """The primary's result plus the secondary sandbox interfaces, in the caller's version."""
+    out = copy.deepcopy(results[0])
+    ifaces = out.setdefault("interfaces", [])
+    for res in results[1:]:
+        ifaces.extend(copy.deepcopy(i) for i in res.get("interfaces") or [] if i.get("sandbox"))
+    return cniresult.from_current(out, version)
+
+
+# --- DEL ----------------------------------------------------------------------------------------------
+
+def delete_record(ctx: Context, record: Record, netns_path: str) -> list[CNIError]:
+    """DEL every attachment of a record in reverse; the cache entry goes only when all succeeded."""
+    base = ctx.invocation("DEL", netns=netns_path)
+    errors: list[CNIError] = []
+    for att, res in reversed(list(zip(record.attachments, record.results))):
+        errs = chain.delete(att, ctx.invoker, base, res)
+        errors.extend(errs)
+        if not errs:
+            _remove_device_info(att)
+    if errors:
+        return errors
+    ctx.cache.remove(record.container_id, record.ifname)
+    pod = record.pod
+    if pod.name and pod.namespace:
+        try:
+            ctx.source.publish_status(pod.namespace, pod.name, None)
+        except (CNIError, OSError) as e:  # the status is informative; DEL must not fail on it
+            log.warning("could not clear network-status of pod %s: %s", pod.ref, e)
+    return []
+
+
+def _combined(errors: list[CNIError], what: str) -> CNIError:
+    first = errors[0]
+    return CNIError(first.code, f"{what}: {first.msg}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
+                    "; ".join(e.msg for e in errors))
+
+
+def cmd_del(ctx: Context) -> None:
+    record = ctx.cache.load(ctx.req.container_id, ctx.req.ifname)
+    if record is None:
+        return None  # the cache is written before any delegate runs: no record, nothing to undo
+    errors = delete_record(ctx, record, ctx.req.netns)
+    if errors:
+        raise _combined(errors, f"DEL of container {ctx.req.container_id} left {len(errors)} delegate error(s), will retry")
+    return None
+
+
+# --- CHECK, STATUS, GC --------------------------------------------------------------------------------
+
+def cmd_check(ctx: Context) -> None:
+    req = ctx.req
+    if not cniversion.at_least(req.cni_version, "0.4.0"):
+        raise CNIError(INCOMPATIBLE_VERSION, f"config version {req.cni_version} does not allow CHECK")
+    record = ctx.cache.load(req.container_id, req.ifname)
+    if record is None:
+        raise CNIError(UNKNOWN_CONTAINER, f"no ADD recorded for container {req.container_id} interface {req.ifname}")
+    base = ctx.invocation("CHECK")
+    for att, res in zip(record.attachments, record.results):
+        if res is None:
+            raise CNIError(UNKNOWN_CONTAINER, f"network {att.name} ({att.ifname}) was never attached to container {req.container_id}")
+        chain.check(att, ctx.invoker, base, res)
+    return None
+
+
+def _configured_targets(ctx: Context) -> list[plan.Target]:
+    cfg = ctx.cfg
+    refs = [("meta-cni config clusterNetwork", cfg.cluster_network)]
+    refs += [(f"meta-cni config defaultNetworks[{i}]", r) for i, r in enumerate(cfg.default_networks)]
+    return [resolve_reference(ref, cfg, ctx.source, where) for where, ref in refs]
+
+
+def cmd_status(ctx: Context) -> None:
+    req, cfg = ctx.req, ctx.cfg
+    if not cniversion.at_least(req.cni_version, "1.1.0"):
+        raise CNIError(INCOMPATIBLE_VERSION, f"config version {req.cni_version} does not allow STATUS")
+    problem = ctx.source.problem()
+    try:
+        os.makedirs(cfg.cni_dir, mode=0o700, exist_ok=True)
+        if not os.access(cfg.cni_dir, os.W_OK):
+            problem = problem or f"cniDir {cfg.cni_dir} is not writable"
+    except OSError as e:
+        problem = problem or f"cniDir {cfg.cni_dir}: {e.strerror}"
+    if problem:
+        raise CNIError(NOT_AVAILABLE, problem)
+    try:
+        targets = _configured_targets(ctx)
+    except CNIError as e:
+        raise CNIError(NOT_AVAILABLE, f"not ready: {e.msg}") from None
+    base = ctx.invocation("STATUS", netns="")
+    for t in targets:
+        try:
+            chain.status(plan.Attachment(name=t.name, ifname="", network=t.network), ctx.invoker, base)
+        except CNIError as e:
+            code = e.code if e.code in (NOT_AVAILABLE, 51) else NOT_AVAILABLE
+            raise CNIError(code, e.msg, e.details) from None
+    return None
+
+
+def _valid_attachments(config: dict[str, Any]) -> set[tuple[str, str]]:
+    raw = config.get(chain.VALID_ATTACHMENTS, config.get(chain.VALID_ATTACHMENTS_OLD, []))
+    if not isinstance(raw, list) or not all(isinstance(v, dict) and isinstance(v.get("containerID"), str)
+                                            and isinstance(v.get("ifname"), str) for v in raw):
+        raise CNIError(INVALID_CONFIG, f"{chain.VALID_ATTACHMENTS} must be a list of {{containerID, ifname}} objects")
+    return {(v["containerID"], v["ifname"]) for v in raw}
+
+
+def cmd_gc(ctx: Context) -> None:
+    if not cniversion.at_least(ctx.req.cni_version, "1.1.0"):
+        raise CNIError(INCOMPATIBLE_VERSION, f"config version {ctx.req.cni_version} does not allow GC")
+    valid = _valid_attachments(ctx.req.config)
+    errors: list[CNIError] = []
+    # Delegate network (by exact config) -> (an attachment of it, its still-valid attachments).
+    delegates: dict[str, tuple[plan.Attachment, list[dict[str, str]]]] = {}
+
+    def key(att: plan.Attachment) -> str:
+        return json.dumps(att.network.to_dict(), sort_keys=True)
+
+    cache = ctx.cache
+    for cid, ifname in list(cache.keys()):
+        try:
+            record = cache.load(cid, ifname)
+        except CNIError as e:
+            errors.append(e)
+            continue
+        if record is None:
+            continue
+        if (cid, ifname) in valid:
+            for att in record.attachments:
+                delegates.setdefault(key(att), (att, []))[1].append({"containerID": cid, "ifname": att.ifname})
+        else:
+            log.info("GC: container %s interface %s is no longer valid, deleting its attachments", cid, ifname)
+            ctx_for = attrs.evolve(ctx, req=attrs.evolve(ctx.req, container_id=cid, ifname=ifname))
+            errors.extend(delete_record(ctx_for, record, record.netns))
+    try:
+        for t in _configured_targets(ctx):
+            att = plan.Attachment(name=t.name, ifname="", network=t.network)
+            delegates.setdefault(key(att), (att, []))
+    except CNIError as e:
+        errors.append(e)
+    base = ctx.invocation("GC", netns="")
+    for att, entries in delegates.values():
+        errors.extend(chain.gc(attrs.evolve(att, ifname=""), ctx.invoker, base, entries))
+    if errors:
+        raise _combined(errors, "GC")
+    return None

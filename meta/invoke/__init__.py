@@ -1,0 +1,28 @@
+"""Running one delegate plugin: the Invoker seam.
+
+`exec` runs any CNI binary found on CNI_PATH (this issue); `builtin` will run meta-cni's own delegates
+in-process (a later issue). Chains (conflists) are driven by `chain.py` over either invoker.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import attrs
+
+
+@attrs.frozen
+class Invocation:
+    """The CNI_* environment of one plugin call, plus `where` (what the call is for, in messages)."""
+
+    command: str
+    container_id: str
+    netns: str
+    ifname: str
+    cni_args: str
+    path: tuple[str, ...]
+    where: str
+
+
+class Invoker(Protocol):
+    def run(self, plugin_type: str, stdin: bytes, inv: Invocation) -> bytes:
+        """Run the plugin; its stdout on success, a CNIError otherwise."""

@@ -1,0 +1,61 @@
+"""Validation against the JSON Schemas in meta/schemas/, with messages that name the object and field."""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from .cni.errors import INVALID_CONFIG, CNIError
+
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+@functools.cache
+def _validator(name: str) -> Any:
+    # jsonschema costs ~80 ms to import: only the paths that really validate pay for it.
+    import jsonschema
+
+    schema = json.loads((SCHEMA_DIR / f"{name}.json").read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def _where(path: Any) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def problems(name: str, instance: Any) -> list[str]:
+    """Every violation of schema `name` by `instance`, as "field: message" lines (sorted by field)."""
+    errors = sorted(_validator(name).iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    out: list[str] = []
+    for e in errors:
+        if e.validator == "additionalProperties" and isinstance(e.instance, dict):
+            known = e.schema.get("properties", {})
+            patterns = e.schema.get("patternProperties", {})
+            for key in e.instance:
+                if key not in known and not any(re.search(p, key) for p in patterns):
+                    out.append(f"{_where([*e.absolute_path, key])}: unknown field")
+        else:
+            out.append(f"{_where(e.absolute_path)}: {_message(e)}")
+    return out
+
+
+def _message(error: Any) -> str:
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        best = min(error.context, key=lambda e: len(list(e.absolute_path)))
+        return best.message
+    return str(error.message)
+
+
+def check(name: str, instance: Any, what: str, code: int = INVALID_CONFIG) -> None:
+    """Raise a CNIError naming `what` (e.g. "NAD ns/x spec.config") and the first bad field."""
+    found = problems(name, instance)
+    if found:
+        extra = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise CNIError(code, f"{what}: {found[0]}{extra}", "; ".join(found))

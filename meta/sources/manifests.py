@@ -1,0 +1,128 @@
+"""The embedded default source: ordinary Kubernetes YAML manifests in a directory, no cluster.
+
+Pods and NetworkAttachmentDefinitions are read from every `*.yaml`, `*.yml` and `*.json` file under the
+directory (multi-document files and `kind: List` included). The network-status of a pod is written to
+`<dir>/network-status/<namespace>.<name>.json`, beside the manifests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..cni.errors import INVALID_CONFIG, CNIError
+from . import Pod
+
+STATUS_DIR = "network-status"
+SUFFIXES = (".yaml", ".yml", ".json")
+NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
+
+
+def _load_yaml() -> Any:
+    import yaml
+
+    return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class ManifestsSource:
+    def __init__(self, directory: str) -> None:
+        self.dir = Path(directory)
+        self._index: dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]] | None = None
+        self._broken: list[str] = []
+
+    def files(self) -> list[Path]:
+        out = []
+        for root, dirs, names in os.walk(self.dir):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (Path(root) == self.dir and d == STATUS_DIR))
+            out.extend(Path(root) / n for n in sorted(names) if n.endswith(SUFFIXES) and not n.startswith("."))
+        return out
+
+    def _load(self) -> dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]]:
+        if self._index is not None:
+            return self._index
+        index: dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]] = {}
+        if not self.dir.exists():  # no manifests yet: a source with no pods and no NADs
+            self._index = index
+            return index
+        yaml, loader = _load_yaml()
+        for path in self.files():
+            try:
+                docs = list(yaml.load_all(path.read_bytes(), Loader=loader))
+            except (OSError, yaml.YAMLError) as e:
+                self._broken.append(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                continue
+            for doc in docs:
+                items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+                for obj in items:
+                    if not isinstance(obj, dict) or not isinstance(obj.get("metadata"), dict):
+                        continue
+                    meta = obj["metadata"]
+                    key = (str(obj.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
+                    index.setdefault(key, []).append((path, obj))
+        self._index = index
+        return index
+
+    def _get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self._load().get((kind, namespace, name), [])
+        if len(found) > 1:
+            where = ", ".join(str(p) for p, _ in found)
+            raise CNIError(INVALID_CONFIG, f"{kind} {namespace}/{name} is defined more than once: {where}")
+        if not found:
+            if self._broken:
+                raise CNIError(INVALID_CONFIG, f"{kind} {namespace}/{name} not found and some manifests are unreadable: "
+                               + "; ".join(self._broken))
+            return None
+        obj = dict(found[0][1])
+        obj["metadata"] = dict(obj["metadata"], namespace=namespace)
+        return obj
+
+    def get_pod(self, namespace: str, name: str) -> Pod | None:
+        obj = self._get("Pod", namespace, name)
+        if obj is None:
+            return None
+        meta = obj["metadata"]
+        annotations = meta.get("annotations") or {}
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            raise CNIError(INVALID_CONFIG, f"pod {namespace}/{name}: metadata.annotations must map names to strings")
+        uid = meta.get("uid")
+        return Pod(namespace=namespace, name=name, uid=str(uid) if uid else None, annotations=dict(annotations))
+
+    def get_nad(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get("NetworkAttachmentDefinition", namespace, name)
+
+    def status_path(self, namespace: str, name: str) -> Path:
+        return self.dir / STATUS_DIR / f"{namespace}.{name}.json"
+
+    def publish_status(self, namespace: str, name: str, status: list[dict[str, Any]] | None) -> None:
+        path = self.status_path(namespace, name)
+        if status is None:
+            try:
+                path.unlink()
+                path.parent.rmdir()
+            except OSError:
+                pass  # already gone, or other pods still have a status file
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(status, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+    def read_status(self, namespace: str, name: str) -> list[dict[str, Any]] | None:
+        try:
+            return json.loads(self.status_path(namespace, name).read_text())  # type: ignore[no-any-return]
+        except FileNotFoundError:
+            return None
+
+    def problem(self) -> str | None:
+        if not self.dir.exists():
+            return None
+        if not self.dir.is_dir():
+            return f"manifestsDir {self.dir} is not a directory"
+        if not os.access(self.dir, os.R_OK | os.X_OK):
+            return f"manifestsDir {self.dir} is not readable"
+        return None
