@@ -85,7 +85,7 @@ class PodIdentity:
         return f"{self.namespace}/{self.name}" if self.name else "(no pod)"
 
 
-def _element_capabilities(target: Target) -> dict[str, Any]:
+def element_capabilities(target: Target) -> dict[str, Any]:
     el = target.element
     if el is None:
         return {}
@@ -141,7 +141,7 @@ def build(
     out: list[Attachment] = []
 
     # The runtime's runtimeConfig belongs to the primary only (NPWG §7.5); element requests override it.
-    primary_caps = dict(runtime_config) | _element_capabilities(primary)
+    primary_caps = dict(runtime_config) | element_capabilities(primary)
     out.append(_attachment(primary, ifname, True, primary_caps, _delegate_args(runtime_args, True), unused,
                            container_id, device_info_dir))
     for idx, t in enumerate([*defaults, *selected], start=1):
@@ -153,7 +153,7 @@ def build(
             while name in taken:
                 name, n = f"net{n}", n + 1
             taken.add(name)
-        out.append(_attachment(t, name, False, _element_capabilities(t), _delegate_args(runtime_args, False), unused,
+        out.append(_attachment(t, name, False, element_capabilities(t), _delegate_args(runtime_args, False), unused,
                                container_id, device_info_dir))
     return tuple(out)
 

@@ -59,3 +59,23 @@ def check(name: str, instance: Any, what: str, code: int = INVALID_CONFIG) -> No
     if found:
         extra = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise CNIError(code, f"{what}: {found[0]}{extra}", "; ".join(found))
+
+
+@functools.cache
+def _plugin_validator(plugin_type: str) -> Any | None:
+    import jsonschema
+
+    defs = json.loads((SCHEMA_DIR / "plugins.json").read_text())["$defs"]
+    if plugin_type not in defs:
+        return None
+    cls = jsonschema.validators.Draft202012Validator
+    return cls({"$defs": defs, "$ref": f"#/$defs/{plugin_type}"})
+
+
+def plugin_problems(plugin_type: str, instance: Any) -> list[str]:
+    """Field problems of a well-known plugin's config (schemas/plugins.json); [] for unknown types."""
+    validator = _plugin_validator(plugin_type)
+    if validator is None:
+        return []
+    errors = sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
+    return [f"{_where(e.absolute_path)}: {_message(e)}" for e in errors]

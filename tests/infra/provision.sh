@@ -10,9 +10,9 @@
 # Recipes: /work/shared/reference/test-infrastructure.md sections 1, 2.1, 3.
 set -euo pipefail
 
-DEMO_PKGS=(containernetworking-plugins iproute2 iptables iputils-ping util-linux procps)
+DEMO_PKGS=(containernetworking-plugins iproute2 iptables iputils-ping util-linux procps python3 python3-venv)
 FULL_PKGS=("${DEMO_PKGS[@]}" podman runc busybox-static catatonit golang-go
-           golang-github-appc-cni-dev dpkg-dev python3-venv ca-certificates)
+           golang-github-appc-cni-dev dpkg-dev ca-certificates)
 CACHE_DIR=${META_CNI_CACHE:-${HOME:-/root}/.cache/meta-cni}
 CNITOOL=$CACHE_DIR/bin/cnitool
 SRC_PKG=golang-github-appc-cni

@@ -1,0 +1,160 @@
+"""`metactl validate`: offline lint of NAD and pod manifests.
+
+Checks what ADD would reject (schemas, annotation syntax, capabilities that selection elements need)
+plus the field sanity of well-known delegate plugins, and reports every problem, one line each.
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from . import nad, plan, schema, selection
+from .cni.errors import CNIError
+from .cni.version import CURRENT
+from .sources import manifests
+
+
+@attrs.frozen
+class Problem:
+    file: str
+    obj: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.obj}: {self.message}"
+
+
+def _ipam_problems(ipam: dict[str, Any]) -> list[str]:
+    out = []
+    ranges = [r for rs in ipam.get("ranges") or [] if isinstance(rs, list) for r in rs if isinstance(r, dict)]
+    if isinstance(ipam.get("subnet"), str):
+        ranges.append(ipam)
+    for r in ranges:
+        try:
+            net = ipaddress.ip_network(r["subnet"], strict=False)
+        except (ValueError, KeyError, TypeError):
+            out.append(f"ipam.subnet: {r.get('subnet')!r} is not a CIDR")
+            continue
+        for key in ("rangeStart", "rangeEnd", "gateway"):
+            if isinstance(r.get(key), str):
+                try:
+                    if ipaddress.ip_address(r[key]) not in net:
+                        out.append(f"ipam.{key}: {r[key]} is outside subnet {net}")
+                except ValueError:
+                    out.append(f"ipam.{key}: {r[key]!r} is not an IP address")
+    return out
+
+
+def delegate_problems(net: nad.NetworkConfig) -> list[str]:
+    """Sanity of each plugin of a delegate network (known types only)."""
+    out = []
+    many = len(net.plugins) > 1
+    for i, plugin in enumerate(net.plugins):
+        prefix = f"plugins[{i}] ({plugin['type']})" if many else plugin["type"]
+        out += [f"{prefix}: {p}" for p in schema.plugin_problems(plugin["type"], plugin)]
+        ipam = plugin.get("ipam")
+        if isinstance(ipam, dict) and ipam.get("type"):
+            out += [f"{prefix}: ipam: {p}" for p in schema.plugin_problems(ipam["type"], ipam)]
+            if ipam["type"] == "host-local":
+                out += [f"{prefix}: {p}" for p in _ipam_problems(ipam)]
+    return out
+
+
+def _objects(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    import yaml
+
+    try:
+        docs = list(yaml.load_all(path.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    except OSError as e:
+        return [], f"cannot read: {e.strerror}"
+    except yaml.YAMLError as e:
+        return [], f"not valid YAML: {' '.join(str(e).split())}"
+    out = []
+    for doc in docs:
+        items = doc.get("items", []) if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+        out += [o for o in items if isinstance(o, dict)]
+    return out, None
+
+
+def _ref(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    return f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name')}"
+
+
+def validate(paths: Iterable[Path], conf_dir: Path | None = None) -> tuple[list[Problem], int]:
+    """All problems in the given manifest files (directories are searched) and the number of objects checked."""
+    files: list[Path] = []
+    for p in paths:
+        files += manifests.ManifestsSource(str(p)).files() if p.is_dir() else [p]
+    problems: list[Problem] = []
+    nads: dict[str, nad.NetworkConfig | None] = {}
+    pods: list[tuple[str, dict[str, Any]]] = []
+    count = 0
+    empty_dir = conf_dir or Path("/nonexistent")
+    for f in files:
+        objs, err = _objects(f)
+        if err:
+            problems.append(Problem(str(f), "file", err))
+        for obj in objs:
+            kind = obj.get("kind")
+            if kind == "NetworkAttachmentDefinition":
+                count += 1
+                ref = _ref(obj)
+                key = ref.split(" ", 1)[1]
+                try:
+                    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+                    if not str(spec.get("config") or "").strip() and conf_dir is None:
+                        schema.check("nad", obj, ref)
+                        nads[key] = None  # resolved from a conf dir on the node: not checkable offline
+                        continue
+                    net = nad.from_nad(obj, empty_dir, CURRENT)
+                    nads[key] = net
+                    problems += [Problem(str(f), ref, p) for p in delegate_problems(net)]
+                except CNIError as e:
+                    nads[key] = None
+                    problems += [Problem(str(f), ref, _strip(m, ref)) for m in (e.details.split("; ") if e.details else [e.msg])]
+            elif kind == "Pod":
+                count += 1
+                pods.append((str(f), obj))
+    for f, obj in pods:
+        problems += [Problem(f, _ref(obj), m) for m in _pod_problems(obj, nads)]
+    return problems, count
+
+
+def _strip(message: str, ref: str) -> str:
+    for prefix in (f"{ref} spec.config: ", f"{ref}: "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
+def _pod_problems(obj: dict[str, Any], nads: dict[str, nad.NetworkConfig | None]) -> list[str]:
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    ns = meta.get("namespace") or "default"
+    ann = meta.get("annotations") or {}
+    if not isinstance(ann, dict):
+        return ["metadata.annotations: must be a map"]
+    out = []
+    try:
+        if selection.DEFAULT_NETWORK in ann:
+            selection.parse_default_network(str(ann[selection.DEFAULT_NETWORK]), "kube-system", f"annotation {selection.DEFAULT_NETWORK}")
+        elements = selection.parse(str(ann.get(selection.NETWORKS, "")), ns, f"annotation {selection.NETWORKS}")
+    except CNIError as e:
+        return [e.msg]
+    for i, el in enumerate(elements):
+        where = f"annotation {selection.NETWORKS}: [{i}]"
+        if el.ref not in nads:
+            out.append(f"{where}: NetworkAttachmentDefinition {el.ref} is not among the validated manifests")
+            continue
+        net = nads[el.ref]
+        if net is None:
+            continue
+        try:
+            plan.element_capabilities(plan.Target(name=el.ref, network=net, where=where, element=el))
+        except CNIError as e:
+            out.append(e.msg)
+    return out
