@@ -15,7 +15,7 @@ provision:
 # The virtualenv is rebuilt when pyproject.toml changes; pip's own cache makes that quick.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@$(BIN)/pip install -q --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
 	@touch $@
 
 demo: provision-demo

@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 
 from . import config as metaconfig
-from . import devices, netns, plan, selection, status
+from . import devices, netns, plan, schema, selection, status
 from .cache import Cache, Record
 from .cni import args as cniargs
 from .cni import request as cnirequest
@@ -45,7 +45,7 @@ class Context:
     @property
     def source(self) -> Source:
         if self._source is None:
-            self._source = open_source(self.cfg.manifests_dir)
+            self._source = open_source(self.cfg.manifests_dir, self.cfg.cni_dir)
         return self._source
 
     @property
@@ -62,10 +62,16 @@ class Context:
 def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, source: Source | None = None) -> str | None:
     """Execute one CNI command; the text to print on success (None for no output)."""
     req = cnirequest.parse(env, stdin)
-    cfg = metaconfig.load(req.config)
-    ctx = Context(req=req, cfg=cfg, invoker=invoker or ExecInvoker(cfg.delegate_timeout), source=source)
-    handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
-    out = handler(ctx)
+    cni_dir = req.config.get("cniDir")
+    cni_dir = cni_dir if isinstance(cni_dir, str) and cni_dir.startswith("/") else metaconfig.DEFAULTS["cniDir"]
+    schema.use_memo(Path(cni_dir) / ".schema-memo.json")
+    try:
+        cfg = metaconfig.load(req.config)
+        ctx = Context(req=req, cfg=cfg, invoker=invoker or ExecInvoker(cfg.delegate_timeout), source=source)
+        handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
+        out = handler(ctx)
+    finally:
+        schema.memo.flush()
     return json.dumps(out, indent=4) if out is not None else None
 
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +15,69 @@ from .cni.errors import INVALID_CONFIG, CNIError
 SCHEMA_DIR = Path(__file__).parent / "schemas"
 
 
+class Memo:
+    """Digests of (schema, instance) pairs that passed validation, persisted in one small file.
+
+    NAD and meta-cni configs rarely change between pods, so remembering what already validated lets
+    most ADDs skip importing jsonschema (~80 ms) and compiling the schemas. Failures are never
+    remembered; a digest covers the schema file's bytes, so a changed schema revalidates everything.
+    """
+
+    LIMIT = 2048
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.known: dict[str, None] = {}
+        self.dirty = False
+        if path is not None:
+            try:
+                self.known = dict.fromkeys(json.loads(path.read_bytes()))
+            except (OSError, ValueError, TypeError):
+                self.known = {}
+
+    def digest(self, name: str, instance: Any) -> str:
+        h = hashlib.sha256(_schema_bytes(name))
+        h.update(json.dumps(instance, sort_keys=True, separators=(",", ":")).encode())
+        return h.hexdigest()
+
+    def add(self, digest: str) -> None:
+        self.known[digest] = None
+        self.dirty = True
+
+    def flush(self) -> None:
+        if not self.dirty or self.path is None:
+            return
+        keep = list(self.known)[-self.LIMIT:]
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(keep, f)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # only an optimisation
+        self.dirty = False
+
+
+memo = Memo(None)
+
+
+def use_memo(path: Path | None) -> None:
+    global memo
+    memo = Memo(path)
+
+
+@functools.cache
+def _schema_bytes(name: str) -> bytes:
+    return (SCHEMA_DIR / f"{name}.json").read_bytes()
+
+
 @functools.cache
 def _validator(name: str) -> Any:
     # jsonschema costs ~80 ms to import: only the paths that really validate pay for it.
     import jsonschema
 
-    schema = json.loads((SCHEMA_DIR / f"{name}.json").read_text())
+    schema = json.loads(_schema_bytes(name))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
@@ -55,7 +115,12 @@ def _message(error: Any) -> str:
 
 def check(name: str, instance: Any, what: str, code: int = INVALID_CONFIG) -> None:
     """Raise a CNIError naming `what` (e.g. "NAD ns/x spec.config") and the first bad field."""
+    digest = memo.digest(name, instance) if memo.path is not None else ""
+    if digest in memo.known:
+        return
     found = problems(name, instance)
+    if not found and digest:
+        memo.add(digest)
     if found:
         extra = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise CNIError(code, f"{what}: {found[0]}{extra}", "; ".join(found))

@@ -36,7 +36,9 @@ class Source(Protocol):
         """Why the source cannot serve requests right now, or None when it can (for CNI STATUS)."""
 
 
-def open_source(manifests_dir: str) -> Source:
+def open_source(manifests_dir: str, cache_dir: str | None = None) -> Source:
+    from pathlib import Path
+
     from .manifests import ManifestsSource
 
-    return ManifestsSource(manifests_dir)
+    return ManifestsSource(manifests_dir, Path(cache_dir) / ".manifests-index.json" if cache_dir else None)

@@ -26,10 +26,17 @@ def _load_yaml() -> Any:
     return yaml, getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+Index = dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]]
+
+
 class ManifestsSource:
-    def __init__(self, directory: str) -> None:
+    """Reads the manifests once per process; with `index_cache`, a parsed index is kept on disk and reused
+    while no manifest file changed (same paths, sizes and mtimes), so most calls skip YAML entirely."""
+
+    def __init__(self, directory: str, index_cache: Path | None = None) -> None:
         self.dir = Path(directory)
-        self._index: dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]] | None = None
+        self.index_cache = index_cache
+        self._index: Index | None = None
         self._broken: list[str] = []
 
     def files(self) -> list[Path]:
@@ -39,15 +46,65 @@ class ManifestsSource:
             out.extend(Path(root) / n for n in sorted(names) if n.endswith(SUFFIXES) and not n.startswith("."))
         return out
 
-    def _load(self) -> dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]]:
+    def _signature(self, files: list[Path]) -> list[list[Any]]:
+        sig: list[list[Any]] = [[str(self.dir)]]
+        for path in files:
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            sig.append([str(path), st.st_mtime_ns, st.st_size])
+        return sig
+
+    def _load(self) -> Index:
         if self._index is not None:
             return self._index
-        index: dict[tuple[str, str, str], list[tuple[Path, dict[str, Any]]]] = {}
+        index: Index = {}
         if not self.dir.exists():  # no manifests yet: a source with no pods and no NADs
             self._index = index
             return index
+        files = self.files()
+        signature = self._signature(files) if self.index_cache else []
+        cached = self._read_index_cache(signature)
+        if cached is not None:
+            self._index, self._broken = cached
+            return self._index
+        self._index = self._parse(files)
+        self._write_index_cache(signature)
+        return self._index
+
+    def _read_index_cache(self, signature: list[list[Any]]) -> tuple[Index, list[str]] | None:
+        if self.index_cache is None:
+            return None
+        try:
+            data = json.loads(self.index_cache.read_bytes())
+            if data["signature"] != signature:
+                return None
+            index: Index = {}
+            for kind, ns, name, path, obj in data["objects"]:
+                index.setdefault((kind, ns, name), []).append((Path(path), obj))
+            return index, list(data["broken"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_index_cache(self, signature: list[list[Any]]) -> None:
+        if self.index_cache is None or self._index is None:
+            return
+        objects = [[*key, str(path), obj] for key, entries in self._index.items() for path, obj in entries]
+        try:
+            text = json.dumps({"signature": signature, "objects": objects, "broken": self._broken})
+            self.index_cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.index_cache.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.index_cache)
+        except (OSError, TypeError, ValueError):
+            pass  # only an optimisation (TypeError: a manifest value JSON cannot hold, e.g. a YAML date)
+
+    def _parse(self, files: list[Path]) -> Index:
+        index: Index = {}
         yaml, loader = _load_yaml()
-        for path in self.files():
+        for path in files:
             try:
                 docs = list(yaml.load_all(path.read_bytes(), Loader=loader))
             except (OSError, yaml.YAMLError) as e:
@@ -61,7 +118,6 @@ class ManifestsSource:
                     meta = obj["metadata"]
                     key = (str(obj.get("kind")), str(meta.get("namespace") or "default"), str(meta.get("name")))
                     index.setdefault(key, []).append((path, obj))
-        self._index = index
         return index
 
     def _get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
