@@ -154,7 +154,7 @@ class Demo:
                      if not p.name.startswith(("last_reserved_ip", "lock"))]
         cache = self.root / "cache"
         if cache.exists():
-            left += [f"cache {p}" for p in cache.rglob("*.json")]
+            left += [f"cache {p}" for p in cache.glob("*/*/*.json")]  # per-attachment records
         status = self.root / "manifests" / "network-status"
         if status.exists():
             left += [f"status {p}" for p in status.iterdir()]
