@@ -66,7 +66,19 @@ def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, so
     cni_dir = cni_dir if isinstance(cni_dir, str) and cni_dir.startswith("/") else metaconfig.DEFAULTS["cniDir"]
     schema.use_memo(Path(cni_dir) / ".schema-memo.json")
     try:
-        cfg = metaconfig.load(req.config)
+        try:
+            cfg = metaconfig.load(req.config)
+        except CNIError as e:
+            if req.command != "DEL":
+                raise
+            # DEL needs only the cache; a config that broke after ADD must not leak what ADD made.
+            log.warning("DEL with an invalid config (%s): deleting from the cache in %s", e.msg, cni_dir)
+            raw = {k: req.config.get(k) for k in ("binDir", "manifestsDir")}
+            cfg = metaconfig.MetaConfig(
+                name=req.network_name, cni_version=req.cni_version, cluster_network="", cni_dir=cni_dir,
+                bin_dir=raw["binDir"] if isinstance(raw["binDir"], str) else None,
+                manifests_dir=raw["manifestsDir"] if isinstance(raw["manifestsDir"], str) else metaconfig.DEFAULTS["manifestsDir"],
+            )
         ctx = Context(req=req, cfg=cfg, invoker=invoker or ExecInvoker(cfg.delegate_timeout), source=source)
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
         out = handler(ctx)
