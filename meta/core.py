@@ -188,11 +188,15 @@ def cmd_add(ctx: Context) -> dict[str, Any]:
     try:
         for att in atts:
             results.append(chain.add(att, ctx.invoker, base))
+            # Recorded at once: a result in the cache means "this ADD completed, DEL must succeed".
+            record = attrs.evolve(record, results=tuple(results) + (None,) * (len(atts) - len(results)))
+            cache.save(record)
         _apply_default_route(ctx, atts, results)
         device_infos = [status.device_info_for(a, _read_device_info(a)) for a in atts]
         pod_status = status.build(atts, results, device_infos)
-        record = attrs.evolve(record, results=tuple(results))
-        cache.save(record)
+        if any(a.default_route for a in atts):
+            record = attrs.evolve(record, results=tuple(results))
+            cache.save(record)
         if ident.name and ident.namespace and ctx.source.get_pod(ident.namespace, ident.name) is not None:
             ctx.source.publish_status(ident.namespace, ident.name, pod_status)
     except CNIError as first:
@@ -209,7 +213,7 @@ def _rollback(ctx: Context, record: Record, atts: tuple[plan.Attachment, ...], r
     base = ctx.invocation("DEL")
     errors: list[CNIError] = []
     for i in range(attempted - 1, -1, -1):
-        errors.extend(chain.delete(atts[i], ctx.invoker, base, done[i]))
+        errors.extend(_undo(ctx, atts[i], base, done[i]))
         _remove_device_info(atts[i])
     if errors:
         # Keep the cache so that the runtime's DEL retries what could not be undone now.
@@ -231,12 +235,24 @@ def render(results: list[dict[str, Any]], version: str) -> dict[str, Any]:
 
 # --- DEL ----------------------------------------------------------------------------------------------
 
+def _undo(ctx: Context, att: plan.Attachment, base: Invocation, result: dict[str, Any] | None) -> list[CNIError]:
+    """DEL one attachment. Errors count only for an attachment whose ADD completed: a plugin whose ADD
+    failed cleans up after itself, and its DEL may fail for the very reason its ADD did (a macvlan
+    master that does not exist), which must not make the pod undeletable."""
+    errors = chain.delete(att, ctx.invoker, base, result)
+    if errors and result is None:
+        log.warning("ignoring DEL errors of %s (%s), whose ADD never completed: %s", att.name, att.ifname,
+                    "; ".join(e.msg for e in errors))
+        return []
+    return errors
+
+
 def delete_record(ctx: Context, record: Record, netns_path: str) -> list[CNIError]:
     """DEL every attachment of a record in reverse; the cache entry goes only when all succeeded."""
     base = ctx.invocation("DEL", netns=netns_path)
     errors: list[CNIError] = []
     for att, res in reversed(list(zip(record.attachments, record.results))):
-        errs = chain.delete(att, ctx.invoker, base, res)
+        errs = _undo(ctx, att, base, res)
         errors.extend(errs)
         if not errs:
             _remove_device_info(att)

@@ -45,14 +45,12 @@ def link_names(netns: str) -> set[str]:
 
 def set_default_route(netns: str, ifname: str, gateways: tuple[str, ...]) -> None:
     """Make `gateways` (at most one per family) the only default routes, via `ifname`."""
-    lines = []
     for gw in gateways:
-        fam = "-6" if ":" in gw else "-4"
-        dst = "::/0" if fam == "-6" else "0.0.0.0/0"
-        lines.append(f"{fam} route flush exact {dst}")
-        lines.append(f"{fam} route add default via {gw} dev {ifname}")
-    proc = subprocess.run(["nsenter", f"--net={netns}", "ip", "-batch", "-"], input="\n".join(lines) + "\n",
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise CNIError(INTERNAL, f"setting default route via {', '.join(gateways)} on {ifname} failed: "
-                       f"{proc.stderr.strip() or proc.stdout.strip()}")
+        family, dst = ("-6", "::/0") if ":" in gw else ("-4", "0.0.0.0/0")
+        # iproute2's batch mode takes options only on its own command line, so one batch per family.
+        batch = f"route flush exact {dst}\nroute add default via {gw} dev {ifname}\n"
+        proc = subprocess.run(["nsenter", f"--net={netns}", "ip", family, "-batch", "-"], input=batch,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CNIError(INTERNAL, f"setting default route via {gw} on {ifname} failed: "
+                           f"{proc.stderr.strip() or proc.stdout.strip()}")
