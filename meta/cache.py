@@ -8,14 +8,13 @@ the last one, so DEL works after the NAD is deleted, without the pod source, and
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from . import atomicfile
 from .cni.errors import IO_FAILURE, CNIError
 from .plan import Attachment, PodIdentity
 
@@ -69,17 +68,7 @@ class Cache:
         try:
             for d in (self.dir.parent, self.dir, path.parent):
                 d.mkdir(mode=0o700, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # mkstemp creates it 0600
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(record.to_dict(), separators=(",", ":")).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            atomicfile.write(path, json.dumps(record.to_dict(), separators=(",", ":")).encode(), durable=True)
         except OSError as e:
             raise CNIError(IO_FAILURE, f"cannot write meta-cni cache {path}: {e.strerror}") from None
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import atomicfile
 from .cni.errors import INVALID_CONFIG, CNIError
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
@@ -50,10 +49,7 @@ class Memo:
         keep = list(self.known)[-self.LIMIT:]
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                json.dump(keep, f)
-            os.replace(tmp, self.path)
+            atomicfile.write(self.path, json.dumps(keep).encode())
         except OSError:
             pass  # only an optimisation
         self.dirty = False

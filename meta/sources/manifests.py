@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .. import atomicfile
 from ..cni.errors import INVALID_CONFIG, CNIError
 from . import Pod
 
@@ -94,10 +94,7 @@ class ManifestsSource:
         try:
             text = json.dumps({"signature": signature, "objects": objects, "broken": self._broken})
             self.index_cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.index_cache.parent, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.index_cache)
+            atomicfile.write(self.index_cache, text.encode())
         except (OSError, TypeError, ValueError):
             pass  # only an optimisation (TypeError: a manifest value JSON cannot hold, e.g. a YAML date)
 
@@ -161,12 +158,7 @@ class ManifestsSource:
                 pass  # already gone, or other pods still have a status file
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(status, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomicfile.write(path, (json.dumps(status, indent=2) + "\n").encode(), mode=0o644)
 
     def read_status(self, namespace: str, name: str) -> list[dict[str, Any]] | None:
         try:
