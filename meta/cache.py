@@ -66,7 +66,8 @@ class Cache:
     def save(self, record: Record) -> None:
         path = self.path(record.container_id, record.ifname)
         try:
-            for d in (self.dir.parent, self.dir, path.parent):
+            self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for d in (self.dir, path.parent):
                 d.mkdir(mode=0o700, exist_ok=True)
             atomicfile.write(path, json.dumps(record.to_dict(), separators=(",", ":")).encode(), durable=True)
         except OSError as e:

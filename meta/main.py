@@ -19,7 +19,7 @@ ABOUT = "meta-cni: multi-network meta CNI plugin"
 def _stdin_version(stdin: bytes) -> str | None:
     try:
         data = json.loads(stdin)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     v = data.get("cniVersion") if isinstance(data, dict) else None
     return v if isinstance(v, str) else None

@@ -87,8 +87,8 @@ def load_file(path: Path, default_version: str) -> NetworkConfig:
         data = json.loads(path.read_bytes())
     except OSError as e:
         raise CNIError(INVALID_CONFIG, f"cannot read CNI config {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise CNIError(INVALID_CONFIG, f"CNI config {path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CNIError(INVALID_CONFIG, f"CNI config {path} is not valid JSON: {type(e).__name__}: {e}") from None
     return parse_config(data, str(path), None, default_version)
 
 
@@ -104,7 +104,7 @@ def find_in_dir(conf_dir: Path, name: str, default_version: str) -> NetworkConfi
     for path in files:
         try:
             data = json.loads(path.read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(data, dict) and data.get("name") == name:
             return load_file(path, default_version)
@@ -143,7 +143,7 @@ def from_nad(obj: object, conf_dir: Path, default_version: str) -> NetworkConfig
         return attrs.evolve(found, origin=f"{what} (file {found.origin})", resource_name=resource)
     try:
         data = json.loads(text)
-    except ValueError as e:
-        raise CNIError(INVALID_CONFIG, f"{what}: spec.config is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CNIError(INVALID_CONFIG, f"{what}: spec.config is not valid JSON: {type(e).__name__}: {e}") from None
     net = parse_config(data, f"{what} spec.config", nad_name, default_version)
     return attrs.evolve(net, resource_name=resource)

@@ -103,6 +103,8 @@ def problems(name: str, instance: Any) -> list[str]:
 
 
 def _message(error: Any) -> str:
+    if error.validator == "not" and error.validator_value == {}:
+        return "field not allowed here (reserved for the runtime, or not valid in this kind of config)"
     if error.validator in ("oneOf", "anyOf") and error.context:
         best = min(error.context, key=lambda e: len(list(e.absolute_path)))
         return best.message

@@ -18,8 +18,8 @@ from .cni.errors import INVALID_CONFIG, CNIError
 
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
 DEFAULT_NETWORK = "v1.multus-cni.io/default-network"
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?\Z")
 
 
 @attrs.frozen
@@ -69,7 +69,7 @@ def _parse_comma(value: str, pod_namespace: str, where: str) -> tuple[SelectionE
         name, _, ifname = item.partition("@")
         ns, slash, name = name.rpartition("/")
         field = f"{where}: [{i}]"
-        if slash and not _LABEL.match(ns):
+        if slash and (not _LABEL.match(ns) or len(ns) > 63):
             raise CNIError(INVALID_CONFIG, f"{field}: namespace {ns!r} is not a valid namespace name")
         if not _NAME.match(name) or len(name) > 253:
             raise CNIError(INVALID_CONFIG, f"{field}: network name {name!r} is not a valid object name "
@@ -91,8 +91,8 @@ def _check_ifname(ifname: str, field: str) -> None:
 def _parse_json(value: str, pod_namespace: str, where: str) -> tuple[SelectionElement, ...]:
     try:
         data = json.loads(value)
-    except ValueError as e:
-        raise CNIError(INVALID_CONFIG, f"{where}: not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CNIError(INVALID_CONFIG, f"{where}: not valid JSON: {type(e).__name__}: {e}") from None
     schema.check("selection", data, where)
     out = []
     for i, raw in enumerate(data):

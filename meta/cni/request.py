@@ -22,7 +22,7 @@ _REQUIRED = {
     "STATUS": (),
 }
 # Container IDs and network names: libcni's pkg/utils ValidateContainerID / ValidateNetworkName.
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
 
 
 def validate_ifname(ifname: str) -> str | None:
@@ -105,8 +105,8 @@ def decode_config(stdin: bytes) -> dict[str, Any]:
     """Decode the stdin network configuration; fixes `cniVersion` to the version in use."""
     try:
         config = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CNIError(DECODE_FAILURE, f"error unmarshalling network config from stdin: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CNIError(DECODE_FAILURE, f"error unmarshalling network config from stdin: {type(e).__name__}: {e}") from None
     if not isinstance(config, dict):
         raise CNIError(DECODE_FAILURE, "network config on stdin is not a JSON object")
     name = config.get("name")

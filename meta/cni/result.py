@@ -7,6 +7,7 @@ Results are plain JSON dicts; these functions never mutate their input.
 from __future__ import annotations
 
 import copy
+import ipaddress
 from typing import Any
 
 from . import version as cniversion
@@ -30,6 +31,12 @@ def _check_shape(res: Result, source: str) -> None:
     if not isinstance(ips, list) or not all(isinstance(i, dict) and isinstance(i.get("address"), str) for i in ips):
         raise _fail(source, "ips must be a list of objects with an address")
     for ip in ips:
+        try:
+            ipaddress.ip_interface(ip["address"])
+            if ip.get("gateway") is not None:
+                ipaddress.ip_address(ip["gateway"])
+        except (ValueError, TypeError):
+            raise _fail(source, f"ips[] address {ip['address']!r} / gateway {ip.get('gateway')!r} is not an IP") from None
         idx = ip.get("interface")
         if idx is not None and (not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(ifaces)):
             raise _fail(source, f"ips[].interface {idx!r} does not index interfaces")
@@ -54,10 +61,11 @@ def to_current(raw: object, version: str | None = None, source: str = "delegate"
     if ver in ("0.1.0", "0.2.0"):
         out = _from_02x(raw, source)
     else:
-        out = {k: copy.deepcopy(raw[k]) for k in ("interfaces", "ips", "routes", "dns") if k in raw}
+        # libcni decodes a JSON null list as empty
+        out = {k: copy.deepcopy(raw[k]) for k in ("interfaces", "ips", "routes", "dns") if raw.get(k) is not None}
+        _check_shape(out, source)
         for ip in out.get("ips", []):
-            if isinstance(ip, dict):
-                ip.pop("version", None)
+            ip.pop("version", None)
     out["cniVersion"] = cniversion.CURRENT
     _check_shape(out, source)
     return out
@@ -76,7 +84,10 @@ def _from_02x(raw: Result, source: str) -> Result:
         if block.get("gateway"):
             entry["gateway"] = block["gateway"]
         ips.append(entry)
-        for r in block.get("routes") or []:
+        block_routes = block.get("routes") or []
+        if not isinstance(block_routes, list):
+            raise _fail(source, f"{key}.routes must be a list")
+        for r in block_routes:
             if isinstance(r, dict):
                 routes.append({k: r[k] for k in ("dst", "gw") if k in r})
     out: Result = {}
@@ -121,5 +132,5 @@ def from_current(cur: Result, version: str) -> Result:
     if cur.get("routes"):
         out["routes"] = copy.deepcopy(cur["routes"])
     if _dns_nonempty(cur.get("dns")):
-        out["dns"] = {k: v for k, v in cur["dns"].items() if v}
+        out["dns"] = {k: copy.deepcopy(v) for k, v in cur["dns"].items() if v}
     return out
