@@ -1,6 +1,9 @@
 """Isolated podman (4.3, CNI backend) set-up for integration tests.
 
 Standard library only. Recipe: /work/shared/reference/test-infrastructure.md section 3.
+Keep `workdir` short (under ~40 characters, e.g. a mkdtemp under /tmp, not pytest's tmp_path): conmon's
+socket paths live below it, and past the unix-socket path limit every `podman run`/`stop` stalls for
+20 s ("Exceeded conmon timeout").
 Typical use::
 
     env = make_podman_env(workdir, [str(plugin_dir), "/usr/lib/cni"], net_dir)
