@@ -28,7 +28,7 @@ from .cni.errors import INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, NOT_AVAI
 from .invoke import Invocation, Invoker, chain
 from .invoke.exec import ExecInvoker
 from .networks import resolve_element, resolve_reference
-from .sources import Source, open_source
+from .sources import Pod, Source, open_source
 
 log = logging.getLogger("meta-cni")
 
@@ -104,7 +104,8 @@ def _isolation(ctx: Context, el: selection.SelectionElement, pod_ns: str, where:
                        f"namespaceIsolation allows only {pod_ns!r} and {list(cfg.global_namespaces + extra)}")
 
 
-def build_plan(ctx: Context, ident: plan.PodIdentity) -> tuple[plan.Attachment, ...]:
+def build_plan(ctx: Context, ident: plan.PodIdentity) -> tuple[Pod | None, tuple[plan.Attachment, ...]]:
+    """The pod as the source knows it (None if it does not) and the attachments to make."""
     cfg, req = ctx.cfg, ctx.req
     pod = ctx.source.get_pod(ident.namespace, ident.name) if ident.name and ident.namespace else None
     if pod is None and ident.name:
@@ -134,7 +135,7 @@ def build_plan(ctx: Context, ident: plan.PodIdentity) -> tuple[plan.Attachment, 
     allocated: dict[str, list[str]] = {}
     if any(t.network.resource_name for t in [primary, *defaults, *selected]):
         allocated = devices.allocated(Path(cfg.kubelet_checkpoint), (pod.uid if pod else None) or ident.uid)
-    return plan.build(
+    return pod, plan.build(
         ifname=req.ifname, container_id=req.container_id, runtime_args=req.args, runtime_config=cfg.runtime_config,
         primary=primary, defaults=defaults, selected=selected, devices=allocated, device_info_dir=cfg.device_info_dir,
     )
@@ -174,7 +175,7 @@ def _apply_default_route(ctx: Context, atts: tuple[plan.Attachment, ...], result
 def cmd_add(ctx: Context) -> dict[str, Any]:
     req = ctx.req
     ident = pod_identity(req)
-    atts = build_plan(ctx, ident)
+    pod, atts = build_plan(ctx, ident)
     present = netns.link_names(req.netns)
     for att in atts:
         if att.ifname in present:
@@ -197,11 +198,13 @@ def cmd_add(ctx: Context) -> dict[str, Any]:
         if any(a.default_route for a in atts):
             record = attrs.evolve(record, results=tuple(results))
             cache.save(record)
-        if ident.name and ident.namespace and ctx.source.get_pod(ident.namespace, ident.name) is not None:
-            ctx.source.publish_status(ident.namespace, ident.name, pod_status)
-    except CNIError as first:
+        if pod is not None:
+            ctx.source.publish_status(pod.namespace, pod.name, pod_status)
+    except Exception as e:
+        # Whatever went wrong, nothing stays half-attached.
+        first = e if isinstance(e, CNIError) else CNIError(INTERNAL, f"ADD failed after attaching: {type(e).__name__}: {e}")
         _rollback(ctx, record, atts, results, first)
-        raise
+        raise first from None
     return render(results, req.cni_version)
 
 

@@ -36,13 +36,15 @@ class Demo:
         self.cni_path = cni_path
         self.netns: list[str] = []
         self.added: list[tuple[str, dict[str, str]]] = []
+        self.installed = False  # tear down only what this run set up, never another run's demo
 
     # --- set-up -------------------------------------------------------------------------------------
     def install(self) -> None:
         """Lay out the node as a runtime sees it: conf dir, bin dir, manifests."""
         if self.root.exists():
-            raise SystemExit(f"{self.root} exists: a previous demo is still set up (remove it first)")
+            raise RuntimeError(f"{self.root} exists: another demo is running or was interrupted (remove it first)")
         shutil.copytree(self.samples, self.root)
+        self.installed = True
         (self.root / "net.d").mkdir()
         shutil.move(self.root / "00-meta-cni.conflist", self.root / "net.d" / "00-meta-cni.conflist")
         (self.root / "bin").mkdir()
@@ -125,6 +127,8 @@ class Demo:
     # --- tear-down ----------------------------------------------------------------------------------
     def teardown(self) -> list[str]:
         """DEL every pod, remove what the demo made; what is still left behind (should be nothing)."""
+        if not self.installed:
+            return []
         errors = []
         for ns_name, env in reversed(self.added):
             try:
