@@ -37,11 +37,5 @@ def get(pairs: Pairs, key: str) -> str | None:
     return found
 
 
-def merge(base: Pairs, overrides: Pairs) -> Pairs:
-    """`base` with every key of `overrides` replaced or appended, order kept."""
-    keys = {k for k, _ in overrides}
-    return tuple((k, v) for k, v in base if k not in keys) + overrides
-
-
 def render(pairs: Pairs) -> str:
     return ";".join(f"{k}={v}" for k, v in pairs)

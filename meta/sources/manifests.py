@@ -160,12 +160,6 @@ class ManifestsSource:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomicfile.write(path, (json.dumps(status, indent=2) + "\n").encode(), mode=0o644)
 
-    def read_status(self, namespace: str, name: str) -> list[dict[str, Any]] | None:
-        try:
-            return json.loads(self.status_path(namespace, name).read_text())  # type: ignore[no-any-return]
-        except FileNotFoundError:
-            return None
-
     def problem(self) -> str | None:
         if not self.dir.exists():
             return None

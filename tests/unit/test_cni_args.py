@@ -53,19 +53,6 @@ def test_get_empty_value_is_not_none() -> None:
     assert cniargs.get((("A", ""),), "A") == ""
 
 
-def test_merge_replaces_and_appends() -> None:
-    base = (("A", "1"), ("B", "2"), ("A", "3"), ("C", "4"))
-    merged = cniargs.merge(base, (("A", "9"), ("D", "5")))
-    assert merged == (("B", "2"), ("C", "4"), ("A", "9"), ("D", "5"))
-    assert cniargs.get(merged, "A") == "9"
-
-
-def test_merge_with_nothing_is_identity() -> None:
-    base = (("A", "1"),)
-    assert cniargs.merge(base, ()) == base
-    assert cniargs.merge((), base) == base
-
-
 def test_render() -> None:
     assert cniargs.render(()) == ""
     assert cniargs.render((("A", "1"), ("B", ""))) == "A=1;B="
