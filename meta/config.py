@@ -39,6 +39,7 @@ class MetaConfig:
     kubelet_checkpoint: str = DEFAULTS["kubeletCheckpoint"]
     device_info_dir: str = DEFAULTS["deviceInfoDir"]
     delegate_timeout: float = DEFAULTS["delegateTimeout"]
+    builtin_standard_types: bool = False
     runtime_config: dict[str, Any] = attrs.field(factory=dict, eq=False)
 
 
@@ -68,5 +69,6 @@ def load(config: dict[str, Any]) -> MetaConfig:
         kubelet_checkpoint=g("kubeletCheckpoint", DEFAULTS["kubeletCheckpoint"]),
         device_info_dir=g("deviceInfoDir", DEFAULTS["deviceInfoDir"]),
         delegate_timeout=float(g("delegateTimeout", DEFAULTS["delegateTimeout"])),
+        builtin_standard_types=bool(g("builtinStandardTypes", False)),
         runtime_config=dict(g("runtimeConfig") or {}),
     )

@@ -79,12 +79,19 @@ def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, so
                 bin_dir=raw["binDir"] if isinstance(raw["binDir"], str) else None,
                 manifests_dir=raw["manifestsDir"] if isinstance(raw["manifestsDir"], str) else metaconfig.DEFAULTS["manifestsDir"],
             )
-        ctx = Context(req=req, cfg=cfg, invoker=invoker or ExecInvoker(cfg.delegate_timeout), source=source)
+        ctx = Context(req=req, cfg=cfg, invoker=invoker or default_invoker(cfg), source=source)
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
         out = handler(ctx)
     finally:
         schema.memo.flush()
     return json.dumps(out, indent=4) if out is not None else None
+
+
+def default_invoker(cfg: metaconfig.MetaConfig) -> Invoker:
+    """Built-in delegates in-process, any other plugin exec'd from the CNI path."""
+    from .invoke.builtin import BuiltinInvoker
+
+    return BuiltinInvoker(ExecInvoker(cfg.delegate_timeout), cfg.builtin_standard_types)
 
 
 # --- ADD ----------------------------------------------------------------------------------------------

@@ -1,0 +1,55 @@
+"""Running meta-cni's own delegates (`delegates/`) in this process: no exec, no second interpreter.
+
+Types `meta-bridge`, `meta-macvlan` and `meta-ipvlan` always run here; with `builtinStandardTypes` the
+reference names `bridge`, `macvlan` and `ipvlan` do too. Everything else goes to the fallback invoker
+(exec). The delegates (and pyroute2) are imported only when a built-in type is used.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from types import ModuleType
+
+from ..cni import args as cniargs
+from ..cni.errors import DECODE_FAILURE, CNIError
+from . import Invocation, Invoker
+
+BUILTIN = {"meta-bridge": "bridge", "meta-macvlan": "macvlan", "meta-ipvlan": "ipvlan"}
+STANDARD = {"bridge": "bridge", "macvlan": "macvlan", "ipvlan": "ipvlan"}
+
+
+def available() -> set[str]:
+    """Built-in modules that exist in this build (the set grows as delegates are added)."""
+    import importlib.util
+
+    return {m for m in set(BUILTIN.values()) if importlib.util.find_spec(f"delegates.{m}") is not None}
+
+
+class BuiltinInvoker:
+    def __init__(self, fallback: Invoker, standard_types: bool) -> None:
+        self.fallback = fallback
+        have = available()
+        names = dict(BUILTIN) | (dict(STANDARD) if standard_types else {})
+        self.names = {t: m for t, m in names.items() if m in have}
+
+    def module(self, plugin_type: str) -> ModuleType | None:
+        name = self.names.get(plugin_type)
+        return importlib.import_module(f"delegates.{name}") if name else None
+
+    def run(self, plugin_type: str, stdin: bytes, inv: Invocation) -> bytes:
+        module = self.module(plugin_type)
+        if module is None:
+            return self.fallback.run(plugin_type, stdin, inv)
+        from delegates._plugin import PluginArgs, dispatch, render
+
+        try:
+            config = json.loads(stdin)
+        except ValueError as e:
+            raise CNIError(DECODE_FAILURE, f"{inv.where}: {plugin_type}: bad config: {e}") from None
+        args = PluginArgs(command=inv.command, container_id=inv.container_id, netns=inv.netns, ifname=inv.ifname,
+                          cni_args=cniargs.parse(inv.cni_args), path=inv.path, config=config, stdin=stdin)
+        try:
+            result = dispatch(module, args)
+        except CNIError as e:
+            raise CNIError(e.code, f"{inv.where}: {plugin_type} {inv.command}: {e.msg}", e.details) from None
+        return render(result, args.cni_version)
