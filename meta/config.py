@@ -40,6 +40,7 @@ class MetaConfig:
     device_info_dir: str = DEFAULTS["deviceInfoDir"]
     delegate_timeout: float = DEFAULTS["delegateTimeout"]
     builtin_standard_types: bool = False
+    parallel_attachments: bool = True
     runtime_config: dict[str, Any] = attrs.field(factory=dict, eq=False)
 
 
@@ -70,5 +71,6 @@ def load(config: dict[str, Any]) -> MetaConfig:
         device_info_dir=g("deviceInfoDir", DEFAULTS["deviceInfoDir"]),
         delegate_timeout=float(g("delegateTimeout", DEFAULTS["delegateTimeout"])),
         builtin_standard_types=bool(g("builtinStandardTypes", False)),
+        parallel_attachments=bool(g("parallelAttachments", True)),
         runtime_config=dict(g("runtimeConfig") or {}),
     )

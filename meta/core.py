@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from .networks import resolve_element, resolve_reference
 from .sources import Pod, Source, open_source
 
 log = logging.getLogger("meta-cni")
+MAX_PARALLEL = 8
 
 
 @attrs.define
@@ -179,6 +181,61 @@ def _apply_default_route(ctx: Context, atts: tuple[plan.Attachment, ...], result
             results[i].setdefault("routes", []).append({"dst": dst, "gw": gw})
 
 
+class _Attacher:
+    """Runs the delegates of one ADD and keeps the cache current: a result in the cache means "this
+    attachment's ADD completed, so DEL must succeed for it"."""
+
+    def __init__(self, ctx: Context, record: Record) -> None:
+        self.ctx = ctx
+        self.record = record
+        self.atts = record.attachments
+        self.results: list[dict[str, Any] | None] = [None] * len(self.atts)
+        self.started: set[int] = set()
+        self.base = ctx.invocation("ADD")
+        self.lock = threading.Lock()
+
+    def attach(self, i: int) -> None:
+        with self.lock:
+            self.started.add(i)
+        res = chain.add(self.atts[i], self.ctx.invoker, self.base)
+        with self.lock:
+            self.results[i] = res
+            self.record = attrs.evolve(self.record, results=tuple(self.results))
+            self.ctx.cache.save(self.record)
+
+    def attach_all(self, parallel: bool) -> None:
+        """The primary first (NPWG: the cluster network comes first); the others in order, or side by
+        side when `parallel` (they are independent: distinct interfaces, and IPAM stores lock)."""
+        self.attach(0)
+        rest = range(1, len(self.atts))
+        if not parallel or len(rest) < 2:
+            for i in rest:
+                self.attach(i)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(rest), MAX_PARALLEL), thread_name_prefix="attach") as pool:
+            futures = [pool.submit(self.attach, i) for i in rest]
+        failed = [e for e in (f.exception() for f in futures) if e is not None]
+        if failed:
+            raise failed[0]  # the first by attachment order
+
+    def rollback(self, first: CNIError) -> None:
+        """Undo every attachment that was started, in reverse order."""
+        base = self.ctx.invocation("DEL")
+        errors: list[CNIError] = []
+        for i in sorted(self.started, reverse=True):
+            errors.extend(_undo(self.ctx, self.atts[i], base, self.results[i]))
+            _remove_device_info(self.atts[i])
+        if errors:
+            # Keep the cache so that the runtime's DEL retries what could not be undone now.
+            self.ctx.cache.save(attrs.evolve(self.record, results=tuple(self.results)))
+            first.details = "; ".join(([first.details] if first.details else []) + [f"rollback: {e.msg}" for e in errors])
+            log.error("rollback after failed ADD left %d error(s): %s", len(errors), "; ".join(e.msg for e in errors))
+        else:
+            self.ctx.cache.remove(self.record.container_id, self.record.ifname)
+
+
 def cmd_add(ctx: Context) -> dict[str, Any]:
     req = ctx.req
     ident = pod_identity(req)
@@ -189,49 +246,24 @@ def cmd_add(ctx: Context) -> dict[str, Any]:
             raise CNIError(INTERNAL, f"interface {att.ifname!r} for network {att.name} already exists in {req.netns}")
     record = Record(container_id=req.container_id, ifname=req.ifname, netns=req.netns, cni_version=req.cni_version,
                     pod=ident, attachments=atts, results=(None,) * len(atts))
-    cache = ctx.cache
-    cache.save(record)
-    results: list[dict[str, Any]] = []
-    base = ctx.invocation("ADD")
+    ctx.cache.save(record)
+    run = _Attacher(ctx, record)
     try:
-        for att in atts:
-            results.append(chain.add(att, ctx.invoker, base))
-            # Recorded at once: a result in the cache means "this ADD completed, DEL must succeed".
-            record = attrs.evolve(record, results=tuple(results) + (None,) * (len(atts) - len(results)))
-            cache.save(record)
+        run.attach_all(ctx.cfg.parallel_attachments)
+        results = [r for r in run.results if r is not None]
         _apply_default_route(ctx, atts, results)
         device_infos = [status.device_info_for(a, _read_device_info(a)) for a in atts]
         pod_status = status.build(atts, results, device_infos)
         if any(a.default_route for a in atts):
-            record = attrs.evolve(record, results=tuple(results))
-            cache.save(record)
+            ctx.cache.save(attrs.evolve(run.record, results=tuple(results)))
         if pod is not None:
             ctx.source.publish_status(pod.namespace, pod.name, pod_status)
     except Exception as e:
         # Whatever went wrong, nothing stays half-attached.
         first = e if isinstance(e, CNIError) else CNIError(INTERNAL, f"ADD failed after attaching: {type(e).__name__}: {e}")
-        _rollback(ctx, record, atts, results, first)
+        run.rollback(first)
         raise first from None
     return render(results, req.cni_version)
-
-
-def _rollback(ctx: Context, record: Record, atts: tuple[plan.Attachment, ...], results: list[dict[str, Any]],
-              first: CNIError) -> None:
-    """Undo every attachment made so far and the one that failed, in reverse order."""
-    done = list(results) + [None] * (len(atts) - len(results))
-    attempted = min(len(results) + 1, len(atts))
-    base = ctx.invocation("DEL")
-    errors: list[CNIError] = []
-    for i in range(attempted - 1, -1, -1):
-        errors.extend(_undo(ctx, atts[i], base, done[i]))
-        _remove_device_info(atts[i])
-    if errors:
-        # Keep the cache so that the runtime's DEL retries what could not be undone now.
-        ctx.cache.save(attrs.evolve(record, results=tuple(done)))
-        first.details = "; ".join(([first.details] if first.details else []) + [f"rollback: {e.msg}" for e in errors])
-        log.error("rollback after failed ADD left %d error(s): %s", len(errors), "; ".join(e.msg for e in errors))
-    else:
-        ctx.cache.remove(record.container_id, record.ifname)
 
 
 def render(results: list[dict[str, Any]], version: str) -> dict[str, Any]:

@@ -1,0 +1,43 @@
+"""Secondary attachments made side by side (parallelAttachments, the default) or one by one: same pod,
+same order in the status, and a failure in the middle undoes everything either way."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import links_in
+from tests.integration.conftest import Scenario
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_four_secondaries_keep_their_order(scenario: Scenario, netns_factory: Callable[[], str], parallel: bool) -> None:
+    scenario.write_primary()
+    names = [f"n{i}" for i in range(4)]
+    for n in names:
+        scenario.add_nad(n, scenario.bridge_plugin(scenario.subnet()))
+    scenario.add_pod(", ".join(names))
+    ns = netns_factory()
+    r = scenario.add("c1", ns, parallelAttachments=parallel)
+    assert r.rc == 0, r.stdout
+    assert sorted(links_in(ns)) == ["eth0", "lo", "net1", "net2", "net3", "net4"]
+    assert [(e["name"], e["interface"]) for e in scenario.status()] == \
+        [("primary", "eth0")] + [(f"default/{n}", f"net{i + 1}") for i, n in enumerate(names)]
+    assert [i["name"] for i in r.json["interfaces"] if i.get("sandbox")] == ["eth0", "net1", "net2", "net3", "net4"]
+    assert scenario.delete("c1", ns, parallelAttachments=parallel).rc == 0
+    scenario.assert_nothing_left("c1", ns)
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_failure_among_secondaries_undoes_all(scenario: Scenario, netns_factory: Callable[[], str], parallel: bool) -> None:
+    scenario.write_primary()
+    scenario.add_nad("ok1", scenario.bridge_plugin(scenario.subnet()))
+    scenario.add_nad("broken", {"type": "macvlan", "master": "mcitm-nosuch", "ipam": scenario.ipam(scenario.subnet())})
+    scenario.add_nad("ok2", scenario.bridge_plugin(scenario.subnet()))
+    scenario.add_pod("ok1, broken, ok2")
+    ns = netns_factory()
+    r = scenario.add("c1", ns, parallelAttachments=parallel)
+    assert r.rc == 1
+    assert "default/broken (net2)" in r.json["msg"]
+    scenario.assert_nothing_left("c1", ns)
+    assert scenario.delete("c1", ns, parallelAttachments=parallel).rc == 0
