@@ -7,12 +7,15 @@
 # Idempotent: apt is skipped when every package is installed, and the cnitool build
 # is skipped when the cached binary exists, so a second run takes well under a second.
 # cnitool is cached at ${META_CNI_CACHE:-$HOME/.cache/meta-cni}/bin/cnitool.
-# Recipes: /work/shared/reference/test-infrastructure.md sections 1, 2.1, 3.
+# Recipes: /work/shared/reference/test-infrastructure.md sections 1, 2.1, 3, 4.
 set -euo pipefail
 
 DEMO_PKGS=(containernetworking-plugins iproute2 iptables iputils-ping util-linux procps python3 python3-venv)
+# qemu-system-x86 + linux-image-amd64 (+ kmod for modprobe): the full-kernel lane (tests/kernel), which boots
+# the Debian kernel under QEMU/TCG with virtme-ng for ipvlan, 802.1q vlan and dummy (test-infrastructure.md §4).
 FULL_PKGS=("${DEMO_PKGS[@]}" podman runc busybox-static catatonit golang-go
-           golang-github-appc-cni-dev dpkg-dev ca-certificates)
+           golang-github-appc-cni-dev dpkg-dev ca-certificates
+           qemu-system-x86 linux-image-amd64 kmod)
 CACHE_DIR=${META_CNI_CACHE:-${HOME:-/root}/.cache/meta-cni}
 CNITOOL=$CACHE_DIR/bin/cnitool
 SRC_PKG=golang-github-appc-cni
