@@ -29,6 +29,7 @@ test: provision
 bench: provision
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/python tests/bench/bench_pod.py
+	$(BIN)/python tests/bench/bench_delegates.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
