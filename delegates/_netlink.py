@@ -50,8 +50,13 @@ class Links:
 
 
 def index_of(ipr: IPRoute, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return found[0] if found else None
+    # A targeted RTM_GETLINK by name: link_lookup() would dump and filter every link of the namespace.
+    try:
+        return int(ipr.link("get", ifname=name)[0]["index"])
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
 
 
 def link(ipr: IPRoute, index: int) -> Any:
