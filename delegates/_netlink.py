@@ -112,12 +112,14 @@ def configure_iface(links: Links, ifname: str, result: dict[str, Any], iface_ind
         with entered(links.netns):
             for name in ("lo", ifname):
                 _try_sysctl(f"net/ipv6/conf/{name}/disable_ipv6", "0")
-            _try_sysctl(f"net/ipv6/conf/{ifname}/keep_addr_on_down", "1")
     gateways: dict[int, str] = {}
     for ip in ips:
         iface = ipaddress.ip_interface(ip["address"])
+        kw: dict[str, Any] = {}
+        if iface.version == 4 and iface.network.prefixlen < 31:
+            kw["broadcast"] = str(iface.network.broadcast_address)  # as vishvananda/netlink's AddrAdd does
         try:
-            ns.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+            ns.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **kw)
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise CNIError(INTERNAL, f"failed to add IP addr {ip['address']} to {ifname!r}: {e}") from None

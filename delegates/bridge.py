@@ -693,9 +693,12 @@ def calc_gateways(result: dict[str, Any], conf: Conf) -> dict[int, list[Any]]:
         ips.append(entry)
         if conf.is_default_gateway:
             default = ipaddress.ip_network("::/0" if iface.version == 6 else "0.0.0.0/0")
+            # Any default route of the family from IPAM counts, with or without gw (one without goes via
+            # the IP's gateway): the reference only counts one with gw, then fails adding a second default
+            # route ("file exists").
             for r in routes:
                 try:
-                    if r.get("gw") and ipaddress.ip_network(r["dst"], strict=False) == default:
+                    if ipaddress.ip_network(r["dst"], strict=False) == default:
                         found[family] = True
                         break
                 except ValueError:
