@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--conf-dir", help="CNI config dir for NADs with an empty spec.config")
     v.set_defaults(func=_validate)
     d = sub.add_parser("demo", help="attach demo pods to three networks through meta-cni, prove traffic, clean up")
-    d.add_argument("--cni-path", default="/usr/lib/cni", help="where the delegate CNI plugins are")
+    d.add_argument("--cni-path", default="/usr/lib/cni", help="where the reference host-local IPAM plugin is")
     d.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -50,6 +50,9 @@ class Demo:
         (self.root / "bin").mkdir()
         meta_cni = shutil.which("meta-cni") or str(Path(sys.executable).parent / "meta-cni")
         os.symlink(meta_cni, self.root / "bin" / "meta-cni")
+        # Only the IPAM plugin comes from the reference set: bridge and macvlan can then only be meta-cni's
+        # built-in delegates (the demo config maps the standard type names to them).
+        os.symlink(Path(self.cni_path) / "host-local", self.root / "bin" / "host-local")
         _sh("ip", "link", "add", MASTER, "type", "veth", "peer", "name", MASTER + "p")
         for link in (MASTER, MASTER + "p"):
             _sh("ip", "link", "set", link, "up")
@@ -75,7 +78,7 @@ class Demo:
         """Run meta-cni as libcni does: the plugin config with name and cniVersion injected on stdin."""
         lst = self.conflist()
         conf = dict(lst["plugins"][0], name=lst["name"], cniVersion=lst["cniVersion"])
-        full = dict(os.environ, CNI_COMMAND=command, CNI_PATH=f"{self.root / 'bin'}:{self.cni_path}", **env)
+        full = dict(os.environ, CNI_COMMAND=command, CNI_PATH=str(self.root / "bin"), **env)
         p = subprocess.run([str(self.root / "bin" / "meta-cni")], input=json.dumps(conf, sort_keys=True).encode(),
                            capture_output=True, env=full)
         if p.returncode != 0:
@@ -170,7 +173,8 @@ def run(samples: Path = SAMPLES, cni_path: str = REFERENCE_CNI) -> int:
     failures = 0
     try:
         demo.install()
-        _say(f"installed meta-cni: conf {demo.root / 'net.d'}, bin {demo.root / 'bin'} (+ {cni_path})")
+        _say(f"installed meta-cni: conf {demo.root / 'net.d'}, CNI path {demo.root / 'bin'} (meta-cni and "
+             f"host-local only: bridge and macvlan run as meta-cni's built-in delegates)")
         pods = demo.pods()
         for pod in pods:
             demo.add_pod(pod)
