@@ -47,7 +47,8 @@ def load_conf(args: PluginArgs) -> Conf:
 def cmd_add(args: PluginArgs) -> dict[str, Any]:
     conf = load_conf(args)
     with nl.Links(args.netns) as links:
-        iface = create_link(links, conf, args.ifname, "macvlan", {"macvlan_mode": conf.mode})
+        # txqlen 0 as the reference's (vishvananda/netlink sends its zero-valued LinkAttrs.TxQLen).
+        iface = create_link(links, conf, args.ifname, "macvlan", {"macvlan_mode": conf.mode, "txqlen": 0})
         return add_with_ipam(args, links, iface, conf.dns)
 
 

@@ -242,6 +242,8 @@ KEPT = [
          "an empty dns is left out, as libcni >= 1.2 does; 1.1.1 (libcni 1.1.2) printed `\"dns\": {}`"),
     Kept(None, "ADD result", r'cniVersion: reference=<absent> ours="[0-9.]+"',
          "the spec's error structure carries cniVersion; the Go skeleton omits it"),
+    Kept(None, "state after ADD", r'container\.sysctls\.net\.ipv6\.conf\.eth0\.ndisc_notify: reference="0" ours="1"',
+         "macvlan/ipvlan announce IPv6 addresses (unsolicited NA) as the current reference does; 1.1.1 predates it"),
     Kept(("macvlan-mtu-above-master-error",), "ADD result", r"code: reference=999 ours=7",
          "an MTU above the master's is an invalid config (7), not an internal error"),
     Kept(("macvlan-mtu-above-master-error",), "DEL exit code", r": reference=1 ours=0",
