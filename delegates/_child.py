@@ -67,14 +67,21 @@ def create_link(links: nl.Links, conf: ChildConf, ifname: str, kind: str, extra:
     return {"name": ifname, "mac": msg.get("address"), "sandbox": links.netns}
 
 
-def add_with_ipam(args: PluginArgs, links: nl.Links, iface: dict[str, Any], dns: dict[str, Any]) -> dict[str, Any]:
-    """Shared tail of macvlan/ipvlan ADD: IPAM, notify sysctls, addresses and routes; undo on failure."""
+def add_with_ipam(args: PluginArgs, links: nl.Links, iface: dict[str, Any], dns: dict[str, Any],
+                  prev_ips: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Shared tail of macvlan/ipvlan ADD: IPAM, notify sysctls, addresses and routes; undo on failure.
+    `prev_ips` (ipvlan chained without ipam.type): a prevResult whose IPs and routes are configured
+    instead of calling IPAM."""
     result: dict[str, Any] = {"cniVersion": "1.1.0", "interfaces": [iface]}
     try:
-        if args.ipam_type:
-            ipam = ipam_add(args)
-            if not ipam.get("ips"):
-                raise CNIError(INTERNAL, "IPAM plugin returned missing IP config")
+        if args.ipam_type or prev_ips is not None:
+            if args.ipam_type:
+                ipam = ipam_add(args)
+                if not ipam.get("ips"):
+                    raise CNIError(INTERNAL, "IPAM plugin returned missing IP config")
+            else:
+                assert prev_ips is not None
+                ipam = prev_ips
             result["ips"] = [dict(ip, interface=0) for ip in ipam["ips"]]
             if ipam.get("routes"):
                 result["routes"] = ipam["routes"]
@@ -85,7 +92,8 @@ def add_with_ipam(args: PluginArgs, links: nl.Links, iface: dict[str, Any], dns:
                     nl._try_sysctl(f"net/ipv6/conf/{args.ifname}/ndisc_notify", "1")
                 nl.configure_iface(links, args.ifname, result, 0)
             except BaseException:
-                ipam_del(args)
+                if args.ipam_type:
+                    ipam_del(args)
                 raise
         else:
             idx = nl.index_of(links.ns, args.ifname)
