@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import threading
 import time
 from typing import Any
 
@@ -22,12 +23,25 @@ RT_SCOPE_UNIVERSE = 0
 RTPROT_BOOT = 3  # what the reference plugins (vishvananda/netlink) and `ip route add` use
 
 
+_local = threading.local()
+
+
+def host_socket() -> IPRoute:
+    """This thread's netlink socket in the host namespace, kept for the life of the process: opening one
+    costs about a millisecond, and a node daemon makes many attachments. Thread-local because a pyroute2
+    socket must not be shared between threads (parallel attachments)."""
+    sock = getattr(_local, "host", None)
+    if sock is None:
+        sock = _local.host = IPRoute()
+    return sock
+
+
 class Links:
     """Netlink sockets of the host and of one pod namespace (opened inside it, so they stay bound to it)."""
 
     def __init__(self, netns: str) -> None:
         self.netns = netns
-        self.host = IPRoute()
+        self.host = host_socket()
         self._ns: IPRoute | None = None
 
     @property
@@ -38,9 +52,8 @@ class Links:
         return self._ns
 
     def close(self) -> None:
-        for s in (self.host, self._ns):
-            if s is not None:
-                s.close()
+        if self._ns is not None:
+            self._ns.close()
 
     def __enter__(self) -> "Links":
         return self
