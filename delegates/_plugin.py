@@ -95,6 +95,12 @@ def ipam_status(args: PluginArgs) -> None:
     _ipam(args, "STATUS")
 
 
+def status_via_ipam(args: PluginArgs) -> None:
+    """STATUS of a plugin whose readiness is its IPAM's, as the reference bridge, macvlan and ipvlan."""
+    if args.ipam_type:
+        ipam_status(args)
+
+
 def dispatch(module: ModuleType, args: PluginArgs) -> dict[str, Any] | None:
     """Run one command of a delegate module; GC has nothing of ours to collect (IPAM GC is the runtime's)."""
     if args.command == "ADD":

@@ -47,7 +47,7 @@ from meta.cni.errors import INTERNAL, CNIError
 from meta.netns import NetnsGone, entered, open_netns
 
 from . import _netlink as nl
-from ._plugin import PluginArgs, ipam_add, ipam_check, ipam_del, ipam_status
+from ._plugin import PluginArgs, ipam_add, ipam_check, ipam_del, status_via_ipam
 
 DEFAULT_BRIDGE = "cni0"
 OPER_UP_WAITS_MS = (0, 50, 500, 1000, 1000)  # the reference's bridge-port state polling
@@ -1011,9 +1011,7 @@ def cmd_check(args: PluginArgs) -> None:
         nl.check_ips_and_routes(links.ns, args.ifname, prev, ifaces.index(cont_map))
 
 
-def cmd_status(args: PluginArgs) -> None:
-    if args.ipam_type:
-        ipam_status(args)
+cmd_status = status_via_ipam
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from meta.cni.errors import INTERNAL, INVALID_CONFIG, CNIError
 
 from . import _netlink as nl
 from ._child import add_with_ipam, check_link, create_link
-from ._plugin import PluginArgs, ipam_del, ipam_status, require
+from ._plugin import PluginArgs, ipam_del, require, status_via_ipam
 
 # IFLA_IPVLAN_MODE values (linux/if_link.h: IPVLAN_MODE_L2, _L3, _L3S).
 MODES = {"l2": 0, "l3": 1, "l3s": 2}
@@ -96,9 +96,7 @@ def cmd_check(args: PluginArgs) -> None:
     check_link(args, "ipvlan", "IFLA_IPVLAN_MODE", MODES[conf.mode])
 
 
-def cmd_status(args: PluginArgs) -> None:
-    if args.ipam_type:
-        ipam_status(args)
+cmd_status = status_via_ipam
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ import attrs
 
 from . import _netlink as nl
 from ._child import add_with_ipam, check_link, create_link
-from ._plugin import PluginArgs, ipam_del, ipam_status, require
+from ._plugin import PluginArgs, ipam_del, require, status_via_ipam
 
 MODES = ("bridge", "private", "vepa", "passthru")
 
@@ -64,9 +64,7 @@ def cmd_check(args: PluginArgs) -> None:
     check_link(args, "macvlan", "IFLA_MACVLAN_MODE", conf.mode)
 
 
-def cmd_status(args: PluginArgs) -> None:
-    if args.ipam_type:
-        ipam_status(args)
+cmd_status = status_via_ipam
 
 
 def main() -> int:
