@@ -130,3 +130,11 @@ def check_link(args: PluginArgs, kind: str, mode_attr: str, mode: Any) -> dict[s
             raise CNIError(INTERNAL, f"container {kind} MAC {msg.get('address')} does not match {ifaces[pos]['mac']}")
         nl.check_ips_and_routes(links.ns, args.ifname, prev, pos)
     return prev
+
+
+def delete_child(args: PluginArgs) -> None:
+    """DEL of macvlan/ipvlan: IPAM first, as the reference does (the address is released even when the
+    namespace is gone), then the link; the master is never needed."""
+    if args.ipam_type:
+        ipam_del(args)
+    nl.delete_in_netns(args.netns, args.ifname)

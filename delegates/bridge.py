@@ -552,7 +552,7 @@ def teardown_ipmasq(ipns: list[Any] | None, chain: str, comment: str) -> None:
     q = _restore_quote(comment)
     for v6, group in families.items():
         if group is not None:
-            fast = (f"*nat\n"
+            fast = ("*nat\n"
                     + "".join(f"-D POSTROUTING -s {ipn.ip} -j {chain} -m comment --comment {q}\n" for ipn in group)
                     + f"-F {chain}\n-X {chain}\nCOMMIT\n")
             if _ipt_restore(v6, fast).returncode == 0:

@@ -25,8 +25,8 @@ import attrs
 from meta.cni.errors import INTERNAL, INVALID_CONFIG, CNIError
 
 from . import _netlink as nl
-from ._child import add_with_ipam, check_link, create_link
-from ._plugin import PluginArgs, ipam_del, require, status_via_ipam
+from ._child import add_with_ipam, check_link, create_link, delete_child
+from ._plugin import PluginArgs, require, status_via_ipam
 
 # IFLA_IPVLAN_MODE values (linux/if_link.h: IPVLAN_MODE_L2, _L3, _L3S).
 MODES = {"l2": 0, "l3": 1, "l3s": 2}
@@ -79,11 +79,7 @@ def cmd_add(args: PluginArgs) -> dict[str, Any]:
         return add_with_ipam(args, links, iface, conf.dns, prev_ips=prev_ips)
 
 
-def cmd_del(args: PluginArgs) -> None:
-    # IPAM first, as the reference does: the address is released even when the namespace is gone.
-    if args.ipam_type:
-        ipam_del(args)
-    nl.delete_in_netns(args.netns, args.ifname)
+cmd_del = delete_child
 
 
 def cmd_check(args: PluginArgs) -> None:
