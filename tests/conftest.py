@@ -1,6 +1,7 @@
 """Shared fixtures: real network namespaces, and running `meta-cni` exactly as a runtime does."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -64,6 +65,19 @@ def links_in(netns: str) -> dict[str, dict[str, Any]]:
     """Interfaces of a netns by name, from `ip -j addr` (addresses included)."""
     out = subprocess.run(["ip", "-n", Path(netns).name, "-j", "addr"], capture_output=True, text=True, check=True).stdout
     return {link["ifname"]: link for link in json.loads(out)}
+
+
+def host_local_reservations(data_dir: Path) -> list[str]:
+    """Addresses host-local holds under `data_dir`: one file per address, named by it (its other files,
+    lock and last_reserved_ip.N, are bookkeeping)."""
+    found = []
+    for p in data_dir.rglob("*") if data_dir.exists() else []:
+        try:
+            ipaddress.ip_address(p.name)
+        except ValueError:
+            continue
+        found.append(p.name)
+    return sorted(found)
 
 
 def host_link_exists(name: str) -> bool:

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import META_CNI, REFERENCE_PLUGINS, PluginRun, delete_host_link, host_link_exists, links_in, run_plugin
+from tests.conftest import (META_CNI, REFERENCE_PLUGINS, PluginRun, delete_host_link, host_link_exists,
+                            host_local_reservations, links_in, run_plugin)
 
 META_BRIDGE = Path(sys.prefix) / "bin" / "meta-bridge"
 VERSIONS = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"]
@@ -159,15 +160,7 @@ class Env:
                           path=f"{self.stub_dir}:{REFERENCE_PLUGINS}", **kw)
 
     def reserved(self) -> list[str]:
-        """host-local reservations: files named by an address."""
-        found = []
-        for p in self.data_dir.rglob("*") if self.data_dir.exists() else []:
-            try:
-                ipaddress.ip_address(p.name)
-            except ValueError:
-                continue
-            found.append(p.name)
-        return sorted(found)
+        return host_local_reservations(self.data_dir)
 
     def cleanup(self) -> None:
         for br in self.bridges:

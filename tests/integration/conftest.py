@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import PluginRun, delete_host_link, links_in, run_plugin
+from tests.conftest import PluginRun, delete_host_link, host_local_reservations, links_in, run_plugin
 
 META_NAME = "meta"
 POD_NS = "default"
@@ -38,18 +38,6 @@ def host_ipv4_third_octets() -> set[int]:
             if ip in ipaddress.ip_network("10.240.0.0/16"):
                 used.add(int(str(ip).split(".")[2]))
     return used
-
-
-def ip_files(data_dir: Path) -> list[Path]:
-    """host-local reservations: one file per allocated address, named by the address."""
-    found = []
-    for p in data_dir.rglob("*") if data_dir.exists() else []:
-        try:
-            ipaddress.ip_address(p.name)
-        except ValueError:
-            continue
-        found.append(p)
-    return sorted(found)
 
 
 def ipv4_of(link: dict[str, Any]) -> list[str]:
@@ -190,8 +178,8 @@ class Scenario:
     def status(self, name: str = POD_NAME, namespace: str = POD_NS) -> list[dict[str, Any]]:
         return json.loads(self.status_path(name, namespace).read_text())  # type: ignore[no-any-return]
 
-    def reserved_ips(self) -> list[Path]:
-        return ip_files(self.data_dir)
+    def reserved_ips(self) -> list[str]:
+        return host_local_reservations(self.data_dir)
 
     def assert_nothing_left(self, container_id: str, netns: str, name: str = POD_NAME, namespace: str = POD_NS) -> None:
         """The state after a complete teardown (or a failed ADD): only lo, no reservation, no cache, no status."""

@@ -6,7 +6,6 @@ Links are named `mck*`; subnets are inside 10.237.0.0/16 (fd10:237::/32 for IPv6
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 import subprocess
@@ -19,6 +18,7 @@ import attrs
 
 from meta.netns import entered
 from tests.conftest import REFERENCE_PLUGINS, PluginRun, run_plugin
+from tests.conftest import host_local_reservations as ip_files
 
 OURS = Path(sys.prefix) / "bin"
 IFNAME = "net1"
@@ -72,18 +72,6 @@ def with_prev(config: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
 
 def host_local(data_dir: Path, *subnets: str, **extra: Any) -> dict[str, Any]:
     return {"type": "host-local", "ranges": [[{"subnet": s}] for s in subnets], "dataDir": str(data_dir), **extra}
-
-
-def ip_files(data_dir: Path) -> list[str]:
-    """host-local reservations (one file per allocated address)."""
-    found = []
-    for p in data_dir.rglob("*") if data_dir.exists() else []:
-        try:
-            ipaddress.ip_address(p.name)
-        except ValueError:
-            continue
-        found.append(p.name)
-    return sorted(found)
 
 
 def read_sysctl(netns: str, key: str) -> str | None:
