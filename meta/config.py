@@ -17,6 +17,7 @@ DEFAULTS = {
     "kubeletCheckpoint": "/var/lib/kubelet/device-plugins/kubelet_internal_checkpoint",
     "deviceInfoDir": "/run/k8s.cni.cncf.io/devinfo/cni",
     "delegateTimeout": 60.0,
+    "apiTimeout": 10.0,
 }
 
 
@@ -41,6 +42,9 @@ class MetaConfig:
     delegate_timeout: float = DEFAULTS["delegateTimeout"]
     builtin_standard_types: bool = False
     parallel_attachments: bool = True
+    kubeconfig: str | None = None
+    api_timeout: float = DEFAULTS["apiTimeout"]
+    daemon_socket: str | None = None
     runtime_config: dict[str, Any] = attrs.field(factory=dict, eq=False)
 
 
@@ -72,5 +76,8 @@ def load(config: dict[str, Any]) -> MetaConfig:
         delegate_timeout=float(g("delegateTimeout", DEFAULTS["delegateTimeout"])),
         builtin_standard_types=bool(g("builtinStandardTypes", False)),
         parallel_attachments=bool(g("parallelAttachments", True)),
+        kubeconfig=g("kubeconfig"),
+        api_timeout=float(g("apiTimeout", DEFAULTS["apiTimeout"])),
+        daemon_socket=g("daemonSocket"),
         runtime_config=dict(g("runtimeConfig") or {}),
     )

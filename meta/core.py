@@ -29,7 +29,7 @@ from .cni.errors import INCOMPATIBLE_VERSION, INTERNAL, INVALID_CONFIG, NOT_AVAI
 from .invoke import Invocation, Invoker, chain
 from .invoke.exec import ExecInvoker
 from .networks import resolve_element, resolve_reference
-from .sources import Pod, Source, open_source
+from .sources import Pod, Source, SourceFactory, open_source
 
 log = logging.getLogger("meta-cni")
 MAX_PARALLEL = 8
@@ -43,11 +43,12 @@ class Context:
     cfg: metaconfig.MetaConfig
     invoker: Invoker
     _source: Source | None = None
+    sources: SourceFactory = open_source
 
     @property
     def source(self) -> Source:
         if self._source is None:
-            self._source = open_source(self.cfg.manifests_dir, self.cfg.cni_dir)
+            self._source = self.sources(self.cfg)
         return self._source
 
     @property
@@ -61,8 +62,10 @@ class Context:
                           cni_args=cniargs.render(self.req.args), path=path, where="")
 
 
-def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, source: Source | None = None) -> str | None:
-    """Execute one CNI command; the text to print on success (None for no output)."""
+def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, source: Source | None = None,
+        sources: SourceFactory = open_source) -> str | None:
+    """Execute one CNI command; the text to print on success (None for no output). A long-lived caller (the
+    daemon) passes `invoker` and `sources` that keep their state (watch caches, sockets) across calls."""
     req = cnirequest.parse(env, stdin)
     cni_dir = req.config.get("cniDir")
     cni_dir = cni_dir if isinstance(cni_dir, str) and cni_dir.startswith("/") else metaconfig.DEFAULTS["cniDir"]
@@ -75,13 +78,14 @@ def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, so
                 raise
             # DEL needs only the cache; a config that broke after ADD must not leak what ADD made.
             log.warning("DEL with an invalid config (%s): deleting from the cache in %s", e.msg, cni_dir)
-            raw = {k: req.config.get(k) for k in ("binDir", "manifestsDir")}
+            raw = {k: req.config.get(k) for k in ("binDir", "manifestsDir", "kubeconfig")}
             cfg = metaconfig.MetaConfig(
                 name=req.network_name, cni_version=req.cni_version, cluster_network="", cni_dir=cni_dir,
                 bin_dir=raw["binDir"] if isinstance(raw["binDir"], str) else None,
                 manifests_dir=raw["manifestsDir"] if isinstance(raw["manifestsDir"], str) else metaconfig.DEFAULTS["manifestsDir"],
+                kubeconfig=raw["kubeconfig"] if isinstance(raw["kubeconfig"], str) else None,
             )
-        ctx = Context(req=req, cfg=cfg, invoker=invoker or default_invoker(cfg), source=source)
+        ctx = Context(req=req, cfg=cfg, invoker=invoker or default_invoker(cfg), source=source, sources=sources)
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
         out = handler(ctx)
     finally:
@@ -113,10 +117,9 @@ def _isolation(ctx: Context, el: selection.SelectionElement, pod_ns: str, where:
                        f"namespaceIsolation allows only {pod_ns!r} and {list(cfg.global_namespaces + extra)}")
 
 
-def build_plan(ctx: Context, ident: plan.PodIdentity) -> tuple[Pod | None, tuple[plan.Attachment, ...]]:
-    """The pod as the source knows it (None if it does not) and the attachments to make."""
+def build_plan(ctx: Context, ident: plan.PodIdentity, pod: Pod | None) -> tuple[plan.Attachment, ...]:
+    """The attachments to make for the pod as the source knows it (None if it does not)."""
     cfg, req = ctx.cfg, ctx.req
-    pod = ctx.source.get_pod(ident.namespace, ident.name) if ident.name and ident.namespace else None
     if pod is None and ident.name:
         log.info("pod %s not in the source: attaching the cluster and default networks only", ident.ref)
     if pod and pod.uid and ident.uid and pod.uid != ident.uid:
@@ -144,7 +147,7 @@ def build_plan(ctx: Context, ident: plan.PodIdentity) -> tuple[Pod | None, tuple
     allocated: dict[str, list[str]] = {}
     if any(t.network.resource_name for t in [primary, *defaults, *selected]):
         allocated = devices.allocated(Path(cfg.kubelet_checkpoint), (pod.uid if pod else None) or ident.uid)
-    return pod, plan.build(
+    return plan.build(
         ifname=req.ifname, container_id=req.container_id, runtime_args=req.args, runtime_config=cfg.runtime_config,
         primary=primary, defaults=defaults, selected=selected, devices=allocated, device_info_dir=cfg.device_info_dir,
     )
@@ -237,9 +240,21 @@ class _Attacher:
 
 
 def cmd_add(ctx: Context) -> dict[str, Any]:
+    ident = pod_identity(ctx.req)
+    pod: Pod | None = None
+    try:
+        pod = ctx.source.get_pod(ident.namespace, ident.name) if ident.name and ident.namespace else None
+        return _add(ctx, ident, pod)
+    except CNIError as e:
+        if pod is not None:
+            ctx.source.record_event(pod, "Warning", "AttachmentFailed",
+                                    f"meta-cni ADD for sandbox {ctx.req.container_id[:12]} failed: {e.msg}")
+        raise
+
+
+def _add(ctx: Context, ident: plan.PodIdentity, pod: Pod | None) -> dict[str, Any]:
     req = ctx.req
-    ident = pod_identity(req)
-    pod, atts = build_plan(ctx, ident)
+    atts = build_plan(ctx, ident, pod)
     present = netns.link_names(req.netns)
     for att in atts:
         if att.ifname in present:

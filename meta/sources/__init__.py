@@ -1,11 +1,15 @@
 """Where pods and NADs come from, and where the network-status goes: the Source seam.
 
-Two implementations are planned: `manifests` (the embedded default: YAML manifests on disk) and `kube`
-(the Kubernetes API with watch caches, a later issue). Core code only sees this protocol.
+Two implementations: `manifests` (the embedded default: YAML manifests on disk) and `kube` (the
+Kubernetes API; with watch caches in the daemon). Core code only sees this protocol.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from ..config import MetaConfig
 
 import attrs
 
@@ -35,10 +39,21 @@ class Source(Protocol):
     def problem(self) -> str | None:
         """Why the source cannot serve requests right now, or None when it can (for CNI STATUS)."""
 
+    def record_event(self, pod: Pod, type_: str, reason: str, message: str) -> None:
+        """Tell the pod's owner what happened (a Kubernetes Event); best effort, never raises."""
 
-def open_source(manifests_dir: str, cache_dir: str | None = None) -> Source:
+
+SourceFactory = Callable[["MetaConfig"], Source]
+
+
+def open_source(cfg: MetaConfig) -> Source:
+    """The source a config asks for: the Kubernetes API when it names a kubeconfig, else manifests on disk."""
+    if cfg.kubeconfig:
+        from .kube import KubeSource
+
+        return KubeSource.from_kubeconfig(cfg.kubeconfig, timeout=cfg.api_timeout)
     from pathlib import Path
 
     from .manifests import ManifestsSource
 
-    return ManifestsSource(manifests_dir, Path(cache_dir) / ".manifests-index.json" if cache_dir else None)
+    return ManifestsSource(cfg.manifests_dir, Path(cfg.cni_dir) / ".manifests-index.json")

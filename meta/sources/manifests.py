@@ -7,6 +7,7 @@ directory (multi-document files and `kind: List` included). The network-status o
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from . import Pod
 STATUS_DIR = "network-status"
 SUFFIXES = (".yaml", ".yml", ".json")
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
+log = logging.getLogger("meta-cni")
 
 
 def _load_yaml() -> Any:
@@ -159,6 +161,10 @@ class ManifestsSource:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         atomicfile.write(path, (json.dumps(status, indent=2) + "\n").encode(), mode=0o644)
+
+    def record_event(self, pod: Pod, type_: str, reason: str, message: str) -> None:
+        # Without a cluster there is no one to hand an Event to; the log is where an operator looks.
+        log.log(logging.WARNING if type_ == "Warning" else logging.INFO, "pod %s: %s: %s", pod.ref, reason, message)
 
     def problem(self) -> str | None:
         if not self.dir.exists():
