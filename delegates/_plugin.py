@@ -19,7 +19,7 @@ from meta.cni import args as cniargs
 from meta.cni import result as cniresult
 from meta.cni import version as cniversion
 from meta.cni.errors import DECODE_FAILURE, INTERNAL, INVALID_CONFIG, CNIError
-from meta.invoke import Invocation
+from meta.invoke import Invocation, Invoker
 from meta.invoke.exec import ExecInvoker
 
 IPAM_TIMEOUT = 60.0
@@ -37,6 +37,9 @@ class PluginArgs:
     path: tuple[str, ...]
     config: dict[str, Any] = attrs.field(eq=False)
     stdin: bytes = attrs.field(eq=False, repr=False)
+    # Who runs the IPAM plugin: meta-cni's built-in invoker (so a built-in IPAM runs in this process
+    # too), or, standalone, plain exec.
+    ipam_invoker: Invoker | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def cni_version(self) -> str:
@@ -71,7 +74,7 @@ def _ipam(args: PluginArgs, command: str) -> bytes:
     inv = Invocation(command=command, container_id=args.container_id, netns=args.netns, ifname=args.ifname,
                      cni_args=cniargs.render(args.cni_args), path=args.path, where=f"ipam {ipam_type}")
     # IPAM plugins receive the whole plugin config, as libcni's DelegateAdd passes it.
-    return ExecInvoker(IPAM_TIMEOUT).run(ipam_type, args.stdin, inv)
+    return (args.ipam_invoker or ExecInvoker(IPAM_TIMEOUT)).run(ipam_type, args.stdin, inv)
 
 
 def ipam_add(args: PluginArgs) -> dict[str, Any]:

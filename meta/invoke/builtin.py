@@ -1,7 +1,8 @@
 """Running meta-cni's own delegates (`delegates/`) in this process: no exec, no second interpreter.
 
-Types `meta-bridge`, `meta-macvlan` and `meta-ipvlan` always run here; with `builtinStandardTypes` the
-reference names `bridge`, `macvlan` and `ipvlan` do too. Everything else goes to the fallback invoker
+Types `meta-bridge`, `meta-macvlan`, `meta-ipvlan` and the IPAM `meta-host-local` always run here; with
+`builtinStandardTypes` the reference names `bridge`, `macvlan`, `ipvlan` and `host-local` do too. A
+built-in delegate's IPAM goes through this invoker as well, so built-in IPAM never costs an exec. Everything else goes to the fallback invoker
 (exec). The delegates (and pyroute2) are imported only when a built-in type is used.
 """
 from __future__ import annotations
@@ -14,8 +15,8 @@ from ..cni import args as cniargs
 from ..cni.errors import DECODE_FAILURE, CNIError
 from . import Invocation, Invoker
 
-BUILTIN = {"meta-bridge": "bridge", "meta-macvlan": "macvlan", "meta-ipvlan": "ipvlan"}
-STANDARD = {"bridge": "bridge", "macvlan": "macvlan", "ipvlan": "ipvlan"}
+BUILTIN = {"meta-bridge": "bridge", "meta-macvlan": "macvlan", "meta-ipvlan": "ipvlan", "meta-host-local": "host_local"}
+STANDARD = {"bridge": "bridge", "macvlan": "macvlan", "ipvlan": "ipvlan", "host-local": "host_local"}
 
 
 def available() -> set[str]:
@@ -47,7 +48,8 @@ class BuiltinInvoker:
         except ValueError as e:
             raise CNIError(DECODE_FAILURE, f"{inv.where}: {plugin_type}: bad config: {e}") from None
         args = PluginArgs(command=inv.command, container_id=inv.container_id, netns=inv.netns, ifname=inv.ifname,
-                          cni_args=cniargs.parse(inv.cni_args), path=inv.path, config=config, stdin=stdin)
+                          cni_args=cniargs.parse(inv.cni_args), path=inv.path, config=config, stdin=stdin,
+                          ipam_invoker=self)
         try:
             result = dispatch(module, args)
         except CNIError as e:
