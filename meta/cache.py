@@ -63,13 +63,16 @@ class Cache:
     def path(self, container_id: str, ifname: str) -> Path:
         return self.dir / container_id / f"{ifname}.json"
 
-    def save(self, record: Record) -> None:
+    def save(self, record: Record, durable: bool = True) -> None:
+        """`durable` (fsync) is needed for the first save of an ADD, the one that says "attachments may
+        exist": results saved later only make DEL more precise, and DEL of an attachment without its
+        result still releases what it holds, so those survive a process crash (rename) and may skip fsync."""
         path = self.path(record.container_id, record.ifname)
         try:
             self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             for d in (self.dir, path.parent):
                 d.mkdir(mode=0o700, exist_ok=True)
-            atomicfile.write(path, json.dumps(record.to_dict(), separators=(",", ":")).encode(), durable=True)
+            atomicfile.write(path, json.dumps(record.to_dict(), separators=(",", ":")).encode(), durable=durable)
         except OSError as e:
             raise CNIError(IO_FAILURE, f"cannot write meta-cni cache {path}: {e.strerror}") from None
 

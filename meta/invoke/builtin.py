@@ -33,6 +33,9 @@ class BuiltinInvoker:
         names = dict(BUILTIN) | (dict(STANDARD) if standard_types else {})
         self.names = {t: m for t, m in names.items() if m in have}
 
+    def in_process(self, plugin_type: str) -> bool:
+        return plugin_type in self.names
+
     def module(self, plugin_type: str) -> ModuleType | None:
         name = self.names.get(plugin_type)
         return importlib.import_module(f"delegates.{name}") if name else None
