@@ -10,15 +10,19 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
+
+if TYPE_CHECKING:
+    from tests.infra.kube_cluster import KubeCluster
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 META_CNI = Path(sys.prefix) / "bin" / "meta-cni"
 CACHE = Path(os.environ.get("META_CNI_CACHE", Path.home() / ".cache" / "meta-cni"))
 CNITOOL = CACHE / "bin" / "cnitool"
+KUBE_APISERVER = CACHE / "bin" / "kube-apiserver"
 
 
 @attrs.frozen
@@ -128,3 +132,20 @@ def which(name: str) -> str:
     found = shutil.which(name)
     assert found, f"{name} not installed"
     return found
+
+
+def require_kube_apiserver() -> Path:
+    """The cached kube-apiserver binary; its absence is a set-up failure, never a skip."""
+    assert KUBE_APISERVER.is_file() and os.access(KUBE_APISERVER, os.X_OK), \
+        f"{KUBE_APISERVER} missing: run `make provision` (tests/infra/provision.sh builds it, ~200 s)"
+    return KUBE_APISERVER
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[KubeCluster]:
+    """A real etcd + kube-apiserver (RBAC, static tokens) on loopback for the whole session."""
+    # Imported here so that sessions without API tests do not pay for importing the kubernetes client.
+    from tests.infra.kube_cluster import KubeCluster
+
+    with KubeCluster(require_kube_apiserver()) as cluster:
+        yield cluster

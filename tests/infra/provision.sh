@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # Provision a Debian 12 (bookworm) machine, as root, for the meta-cni demo and tests.
 #
-#   provision.sh          full: all packages (podman, Go, ...) + cnitool built offline
+#   provision.sh          full: all packages (podman, Go, etcd, ...) + cnitool and kube-apiserver built offline
 #   provision.sh --demo   only what `make demo` needs (reference plugins + net tools)
 #
-# Idempotent: apt is skipped when every package is installed, and the cnitool build
-# is skipped when the cached binary exists, so a second run takes well under a second.
-# cnitool is cached at ${META_CNI_CACHE:-$HOME/.cache/meta-cni}/bin/cnitool.
-# Recipes: /work/shared/reference/test-infrastructure.md sections 1, 2.1, 3, 4.
+# Idempotent: apt is skipped when every package is installed, and each build is skipped
+# when its cached binary exists, so a second run takes well under a second.
+# cnitool and kube-apiserver are cached in ${META_CNI_CACHE:-$HOME/.cache/meta-cni}/bin/.
+# Recipes: /work/shared/reference/test-infrastructure.md sections 1, 2.1, 3, 4, 5.1-5.3.
 set -euo pipefail
 
 DEMO_PKGS=(containernetworking-plugins iproute2 iptables iputils-ping util-linux procps python3 python3-venv)
+# The real API server lane (tests/kube, test-infrastructure.md §5): Debian etcd, the build deps of the
+# `kubernetes` source package (make, rsync, jq), and the newer reflect2/json-iterator swapped into its
+# vendor/ tree; openssl makes the service-account key pair.
+KUBE_PKGS=(etcd-server etcd-client make rsync jq openssl
+           golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)
+# kubectl is handy against the test cluster, but any kubectl will do: Debian's kubernetes-client would
+# collide with one that is already there from elsewhere (e.g. the google-cloud-sdk `kubectl` package).
+command -v kubectl >/dev/null 2>&1 || KUBE_PKGS+=(kubernetes-client)
 # qemu-system-x86 + linux-image-amd64 (+ kmod for modprobe): the full-kernel lane (tests/kernel), which boots
 # the Debian kernel under QEMU/TCG with virtme-ng for ipvlan, 802.1q vlan and dummy (test-infrastructure.md §4).
 FULL_PKGS=("${DEMO_PKGS[@]}" podman runc busybox-static catatonit golang-go
            golang-github-appc-cni-dev dpkg-dev ca-certificates
-           qemu-system-x86 linux-image-amd64 kmod)
+           qemu-system-x86 linux-image-amd64 kmod nftables
+           "${KUBE_PKGS[@]}")
 CACHE_DIR=${META_CNI_CACHE:-${HOME:-/root}/.cache/meta-cni}
 CNITOOL=$CACHE_DIR/bin/cnitool
-SRC_PKG=golang-github-appc-cni
+KUBE_APISERVER=$CACHE_DIR/bin/kube-apiserver
 SRC_LIST_BASE=/etc/apt/sources.list.d/meta-cni-src   # + .sources or .list
 
 export DEBIAN_FRONTEND=noninteractive
@@ -132,10 +141,11 @@ oneline_entry() {
     ' "${files[@]}" 2>/dev/null
 }
 
-# Make `apt-get source $SRC_PKG` possible: add a deb-src entry copied from the
+# Make `apt-get source $1` possible: add a deb-src entry copied from the
 # existing Debian entry (deb822 or one-line format), then apt-get update.
 ensure_deb_src() {
-    if apt-cache showsrc "$SRC_PKG" 2>/dev/null | grep -q '^Package:'; then
+    local pkg=$1
+    if apt-cache showsrc "$pkg" 2>/dev/null | grep -q '^Package:'; then
         return
     fi
     local suite entry uri extra
@@ -157,6 +167,16 @@ ensure_deb_src() {
     fi
     log "deb-src: apt-get update"
     apt-get update -qq
+    apt-cache showsrc "$pkg" 2>/dev/null | grep -q '^Package:' ||
+        die "source package $pkg not available even with a deb-src entry"
+}
+
+# Fetch Debian source package $1 into directory $2 (apt-get source; quiet unless it fails).
+fetch_source() {
+    local pkg=$1 dir=$2
+    log "$pkg: fetching source package"
+    (cd "$dir" && apt-get source -qq "$pkg" >/dev/null 2>"$dir/source.log") ||
+        { cat "$dir/source.log" >&2; die "apt-get source $pkg failed"; }
 }
 
 # Build cnitool offline (GOPATH mode) from the Debian source package (recipe section 2.1).
@@ -165,16 +185,14 @@ build_cnitool() {
         log "cnitool: cached at $CNITOOL"
         return
     fi
-    ensure_deb_src
-    local tmp srcdir
+    local pkg=golang-github-appc-cni tmp srcdir
+    ensure_deb_src "$pkg"
     tmp=$(mktemp -d)
     # shellcheck disable=SC2064
     trap "rm -rf '$tmp'" EXIT
-    log "cnitool: fetching source package $SRC_PKG"
-    (cd "$tmp" && apt-get source -qq "$SRC_PKG" >/dev/null 2>"$tmp/source.log") ||
-        { cat "$tmp/source.log" >&2; die "apt-get source $SRC_PKG failed"; }
-    srcdir=$(find "$tmp" -mindepth 2 -maxdepth 2 -type d -name cnitool -path "$tmp/$SRC_PKG-*" | head -n1)
-    [[ -n $srcdir ]] || die "cnitool/ not found in the $SRC_PKG source package"
+    fetch_source "$pkg" "$tmp"
+    srcdir=$(find "$tmp" -mindepth 2 -maxdepth 2 -type d -name cnitool -path "$tmp/$pkg-*" | head -n1)
+    [[ -n $srcdir ]] || die "cnitool/ not found in the $pkg source package"
     mkdir -p "$tmp/gopath/src/cnitool" "$CACHE_DIR/bin"
     find "$srcdir" -maxdepth 1 -name '*.go' ! -name '*_test.go' -exec cp {} "$tmp/gopath/src/cnitool/" \;
     log "cnitool: building (GOPATH mode, GOPROXY=off)"
@@ -187,11 +205,75 @@ build_cnitool() {
     log "cnitool: built $CNITOOL"
 }
 
+# rm -rf that also copes with the read-only directories Go leaves in its caches.
+remove_tree() {
+    chmod -R u+w "$1" 2>/dev/null || true
+    rm -rf "$1"
+}
+
+# Since Go 1.16 reflect.Zero shares one buffer, so the vendored OpenAPI type validator's zero-value test
+# (DeepEqual of two reflect.Values) is true for a decoded "" and an empty string in a custom resource is
+# rejected as null ("spec.config in body must be of type string: \"null\"", kubernetes#99804). Apply
+# the upstream fix (kube-openapi#230, in 1.21): only nil counts as null.
+patch_zero_value_check() {
+    local srcdir=$1 f patched=0
+    local old='if data == nil || reflect\.DeepEqual(reflect\.Zero(reflect\.TypeOf(data)), reflect\.ValueOf(data)) {'
+    for f in vendor/k8s.io/kube-openapi/pkg/validation/validate/type.go vendor/github.com/go-openapi/validate/type.go; do
+        [[ -f $srcdir/$f ]] && grep -q "$old" "$srcdir/$f" || continue
+        sed -i "s/$old/if data == nil {/" "$srcdir/$f"
+        ! grep -q 'reflect\.DeepEqual(reflect\.Zero' "$srcdir/$f" || die "could not patch $f"
+        patched=$((patched + 1))
+    done
+    ((patched)) || die "OpenAPI zero-value check not found in the kubernetes sources (recipe out of date?)"
+}
+
+# Build kube-apiserver offline from Debian's `kubernetes` source package (recipe section 5.1).
+# The whole tree, with its ~1 GB build cache (_output/local) and Go cache, lives in a temp dir
+# that is removed afterwards; only the binary is kept.
+build_kube_apiserver() {
+    if [[ -x $KUBE_APISERVER ]]; then
+        log "kube-apiserver: cached at $KUBE_APISERVER"
+        return
+    fi
+    local pkg=kubernetes tmp srcdir d version gocode=/usr/share/gocode/src/github.com t0=$SECONDS
+    ensure_deb_src "$pkg"
+    tmp=$(mktemp -d)
+    # shellcheck disable=SC2064
+    trap "remove_tree '$tmp'" EXIT
+    fetch_source "$pkg" "$tmp"
+    srcdir=$(find "$tmp" -mindepth 1 -maxdepth 1 -type d -name "$pkg-*" | head -n1)
+    [[ -n $srcdir && -d $srcdir/vendor ]] || die "vendor/ not found in the $pkg source package"
+    # The vendored reflect2 1.0.1 / json-iterator 1.1.10 panic under Go >= 1.18 on every request-body
+    # decode (nil deref in reflect2.(*frozenConfig).Type2); Debian's newer copies are API compatible.
+    for d in modern-go/reflect2 json-iterator/go; do
+        [[ -d $gocode/$d ]] || die "$gocode/$d missing (golang-github-* -dev packages)"
+        rm -rf "${srcdir:?}/vendor/github.com/$d"
+        mkdir -p "$srcdir/vendor/github.com/$d"
+        find "$gocode/$d" -maxdepth 1 \( -name '*.go' -o -name '*.s' \) ! -name '*_test.go' \
+            -exec cp {} "$srcdir/vendor/github.com/$d/" \;
+    done
+    patch_zero_value_check "$srcdir"
+    mkdir -p "$tmp/home" "$tmp/gotmp" "$CACHE_DIR/bin"
+    log "kube-apiserver: building (GOPATH mode, GOPROXY=off; ~200 s on 2 idle cores)"
+    # make's own GOPATH/codegen is needed: a plain `go build` lacks zz_generated.openapi.go.
+    # HOME and GOTMPDIR point into $tmp so that Go's build cache and work dirs go away with it.
+    (cd "$srcdir" && HOME="$tmp/home" GOTMPDIR="$tmp/gotmp" GOPROXY=off GOFLAGS='' make WHAT=cmd/kube-apiserver \
+        >"$tmp/build.log" 2>&1) || { tail -n 40 "$tmp/build.log" >&2; die "kube-apiserver build failed"; }
+    version=$("$srcdir/_output/bin/kube-apiserver" --version) && [[ $version == 'Kubernetes v'* ]] ||
+        die "built kube-apiserver does not report a version"
+    cp "$srcdir/_output/bin/kube-apiserver" "$KUBE_APISERVER.new"
+    mv -f "$KUBE_APISERVER.new" "$KUBE_APISERVER"
+    remove_tree "$tmp"
+    trap - EXIT
+    log "kube-apiserver: built $KUBE_APISERVER ($version, $((SECONDS - t0)) s)"
+}
+
 start=$SECONDS
 if [[ $mode == demo ]]; then
     install_packages "${DEMO_PKGS[@]}"
 else
     install_packages "${FULL_PKGS[@]}"
     build_cnitool
+    build_kube_apiserver
 fi
 log "done ($mode, $((SECONDS - start)) s)"
