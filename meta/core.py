@@ -280,6 +280,8 @@ def _add(ctx: Context, ident: plan.PodIdentity, pod: Pod | None) -> dict[str, An
     for att in atts:
         if att.ifname in present:
             raise CNIError(INTERNAL, f"interface {att.ifname!r} for network {att.name} already exists in {req.netns}")
+    if pod is not None and pod.uid and not ident.uid:
+        ident = attrs.evolve(ident, uid=pod.uid)  # so that DEL clears the status of this pod only
     record = Record(container_id=req.container_id, ifname=req.ifname, netns=req.netns, cni_version=req.cni_version,
                     pod=ident, attachments=atts, results=(None,) * len(atts))
     ctx.cache.save(record)
@@ -293,7 +295,7 @@ def _add(ctx: Context, ident: plan.PodIdentity, pod: Pod | None) -> dict[str, An
         if any(a.default_route for a in atts):
             ctx.cache.save(attrs.evolve(run.record, results=tuple(results)))
         if pod is not None:
-            ctx.source.publish_status(pod.namespace, pod.name, pod_status)
+            ctx.source.publish_status(pod.namespace, pod.name, pod_status, pod.uid)
     except Exception as e:
         # Whatever went wrong, nothing stays half-attached.
         first = e if isinstance(e, CNIError) else CNIError(INTERNAL, f"ADD failed after attaching: {type(e).__name__}: {e}")
@@ -340,7 +342,7 @@ def delete_record(ctx: Context, record: Record, netns_path: str) -> list[CNIErro
     pod = record.pod
     if pod.name and pod.namespace:
         try:
-            ctx.source.publish_status(pod.namespace, pod.name, None)
+            ctx.source.publish_status(pod.namespace, pod.name, None, pod.uid)
         except (CNIError, OSError) as e:  # the status is informative; DEL must not fail on it
             log.warning("could not clear network-status of pod %s: %s", pod.ref, e)
     return []

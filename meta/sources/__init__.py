@@ -27,14 +27,18 @@ class Pod:
 
 
 class Source(Protocol):
-    def get_pod(self, namespace: str, name: str) -> Pod | None:
-        """The pod, or None when the source does not know it."""
+    def get_pod(self, namespace: str, name: str, uid: str | None = None) -> Pod | None:
+        """The pod, or None when the source does not know it. `uid` is the UID the runtime expects
+        (K8S_POD_UID): a source whose copy may be stale (a watch cache) must not answer from a copy with
+        another UID without asking again. The answer may still carry another UID; the caller checks it."""
 
     def get_nad(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The raw NetworkAttachmentDefinition object, or None when it does not exist."""
 
-    def publish_status(self, namespace: str, name: str, status: list[dict[str, Any]] | None) -> None:
-        """Record the pod's network-status (None clears it)."""
+    def publish_status(self, namespace: str, name: str, status: list[dict[str, Any]] | None,
+                       uid: str | None = None) -> None:
+        """Record the pod's network-status (None clears it). With `uid`, only on the pod of that UID: a
+        DEL of an old sandbox must not clear the status of a pod recreated under the same name."""
 
     def problem(self) -> str | None:
         """Why the source cannot serve requests right now, or None when it can (for CNI STATUS)."""

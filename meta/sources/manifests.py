@@ -133,7 +133,8 @@ class ManifestsSource:
         obj["metadata"] = dict(obj["metadata"], namespace=namespace)
         return obj
 
-    def get_pod(self, namespace: str, name: str) -> Pod | None:
+    def get_pod(self, namespace: str, name: str, uid: str | None = None) -> Pod | None:
+        # The manifests are read afresh by every process, so there is no stale copy for `uid` to refresh.
         obj = self._get("Pod", namespace, name)
         if obj is None:
             return None
@@ -150,7 +151,8 @@ class ManifestsSource:
     def status_path(self, namespace: str, name: str) -> Path:
         return self.dir / STATUS_DIR / f"{namespace}.{name}.json"
 
-    def publish_status(self, namespace: str, name: str, status: list[dict[str, Any]] | None) -> None:
+    def publish_status(self, namespace: str, name: str, status: list[dict[str, Any]] | None,
+                       uid: str | None = None) -> None:
         path = self.status_path(namespace, name)
         if status is None:
             try:
