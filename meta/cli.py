@@ -1,9 +1,12 @@
-"""`metactl`: the operator's command line (validate manifests, run the demo)."""
+"""`metactl`: the operator's command line (validate manifests, run the demo, the node daemon and its installer)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -22,6 +25,45 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(cni_path=args.cni_path)
 
 
+def _daemon(args: argparse.Namespace) -> int:
+    from .daemon import app
+
+    opts = app.Options(
+        socket=Path(args.socket), metrics_address=args.metrics_address or None, kubeconfig=args.kubeconfig,
+        node_name=args.node_name or os.environ.get("NODE_NAME") or None, max_concurrent=args.max_concurrent,
+        max_wait=args.max_wait, cni_dirs=tuple(args.cni_dir or app.Options().cni_dirs),
+        replay_interval=args.replay_interval, api_timeout=args.api_timeout,
+    )
+    return app.run(opts, args.log_level)
+
+
+def _install(args: argparse.Namespace) -> int:
+    from .daemon import install
+
+    conf_dir = Path(args.conf_dir)
+    kubeconfig = None
+    if args.kubeconfig_from_serviceaccount:
+        kubeconfig = Path(args.kubeconfig_file) if args.kubeconfig_file else conf_dir / "meta-cni.d" / "meta-cni.kubeconfig"
+    try:
+        written = install.install(Path(args.bin_dir), conf_dir, Path(args.config), kubeconfig, Path(args.serviceaccount_dir))
+    except (install.InstallError, OSError) as e:
+        print(f"metactl install: {e}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"installed {path}")
+    return 0
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="metactl", description="meta-cni operator tool")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +74,33 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="attach demo pods to three networks through meta-cni, prove traffic, clean up")
     d.add_argument("--cni-path", default="/usr/lib/cni", help="where the reference host-local IPAM plugin is")
     d.set_defaults(func=_demo)
+    dm = sub.add_parser("daemon", help="run the per-node daemon that the meta-cni shim forwards CNI requests to")
+    dm.add_argument("--socket", default="/run/meta-cni/daemon.sock",
+                    help="unix socket for CNI requests (the config's daemonSocket)")
+    dm.add_argument("--metrics-address", default="127.0.0.1:9095",
+                    help="HOST:PORT for /metrics, /healthz and /readyz over TCP ('' turns it off; they stay on the socket)")
+    dm.add_argument("--kubeconfig", help="the daemon's API credentials (default: in-cluster when run in a pod, else "
+                                         "the kubeconfig named by the meta-cni config)")
+    dm.add_argument("--node-name", help="node whose pods are watched (default: $NODE_NAME)")
+    dm.add_argument("--max-concurrent", type=_positive(int), default=8, help="CNI requests run at once (default 8)")
+    dm.add_argument("--max-wait", type=float, default=30.0,
+                    help="seconds a request may wait for its turn before it gets CNI error 11 (default 30)")
+    dm.add_argument("--cni-dir", action="append", help="cniDir whose spooled DELs are replayed at start-up "
+                                                       "(repeatable; default /var/lib/cni/meta-cni)")
+    dm.add_argument("--replay-interval", type=_positive(float), default=30.0,
+                    help="seconds between retries of spooled DELs that failed (default 30)")
+    dm.add_argument("--api-timeout", type=_positive(float), help="budget of one API call (default: the config's apiTimeout)")
+    dm.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    dm.set_defaults(func=_daemon)
+    ins = sub.add_parser("install", help="install the meta-cni shim and its config on the node (DaemonSet init container)")
+    ins.add_argument("--bin-dir", required=True, help="CNI bin dir to write the meta-cni executable into")
+    ins.add_argument("--conf-dir", required=True, help="the runtime's CNI conf dir to copy --config into")
+    ins.add_argument("--config", required=True, help="CNI config (conf or conflist) whose meta-cni plugin has daemonSocket")
+    ins.add_argument("--kubeconfig-from-serviceaccount", action="store_true",
+                     help="also write a kubeconfig from this pod's service account")
+    ins.add_argument("--kubeconfig-file", help="where that kubeconfig goes (default CONF_DIR/meta-cni.d/meta-cni.kubeconfig)")
+    ins.add_argument("--serviceaccount-dir", default="/var/run/secrets/kubernetes.io/serviceaccount", help=argparse.SUPPRESS)
+    ins.set_defaults(func=_install)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -1,26 +1,37 @@
 """`meta-cni`: the executable a container runtime runs (CNI skeleton).
 
-Standard library only at import time: VERSION and argument errors are answered without loading the
-rest of meta-cni. The other commands run in this process (thin mode).
+Standard library only at import time: VERSION and argument errors are answered without loading the rest
+of meta-cni. A config with `daemonSocket` is forwarded to the node daemon (meta/shim.py, standard library
+only too); any other runs in this process (thin mode), and `execute` is also what the daemon runs per call,
+so both modes produce the same output for the same request.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 
 from .cni import version as cniversion
 from .cni.errors import DECODE_FAILURE, INTERNAL, CNIError
 
+# The typing module costs the shim milliseconds per CNI call; annotations are never evaluated at run time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
+
 ABOUT = "meta-cni: multi-network meta CNI plugin"
 
 
-def _stdin_version(stdin: bytes) -> str | None:
+def _stdin_config(stdin: bytes) -> Any:
     try:
-        data = json.loads(stdin)
+        return json.loads(stdin)
     except (ValueError, RecursionError):
         return None
+
+
+def _stdin_version(stdin: bytes) -> str | None:
+    data = _stdin_config(stdin)
     v = data.get("cniVersion") if isinstance(data, dict) else None
     return v if isinstance(v, str) else None
 
@@ -30,6 +41,43 @@ def version_info(stdin: bytes) -> str:
     asked = _stdin_version(stdin)
     return json.dumps({"cniVersion": asked if asked in cniversion.SUPPORTED else cniversion.CURRENT,
                        "supportedVersions": list(cniversion.SUPPORTED)})
+
+
+def daemon_socket(config: Any) -> str | None:
+    """The config's `daemonSocket` when it selects thick mode; an invalid value is left to thin mode's
+    validation, which names the field."""
+    value = config.get("daemonSocket") if isinstance(config, dict) else None
+    return value if isinstance(value, str) and value.startswith("/") else None
+
+
+def execute(env: Mapping[str, str], stdin: bytes, **seams: Any) -> tuple[int, str, int | None]:
+    """Run one CNI command in this process: (exit code, stdout, CNI error code or None). `seams` go to
+    core.run (the daemon passes its long-lived invoker and source factory)."""
+    try:
+        from .core import run
+    except ImportError as e:
+        if (e.name or "").startswith("meta"):
+            # The installed shim (a zipapp of the standard-library modules) has no core: say what to configure.
+            msg = (f"meta-cni cannot run in-process here ({e}): this executable forwards to the node daemon only, "
+                   "so the meta-cni config needs daemonSocket")
+        else:
+            msg = f"meta-cni cannot run in-process: {e} (an installation without its dependencies)"
+        err = CNIError(INTERNAL, msg)
+        return 1, err.to_json(_stdin_version(stdin)), err.code
+    try:
+        out = run(env, stdin, **seams)
+    except CNIError as e:
+        return 1, e.to_json(_stdin_version(stdin)), e.code
+    except RecursionError:
+        err = CNIError(DECODE_FAILURE, "network config is nested too deeply")
+        return 1, err.to_json(_stdin_version(stdin)), err.code
+    except Exception as e:  # never a traceback on stdout: the runtime must get an error structure
+        import logging
+
+        logging.getLogger("meta-cni").exception("internal error")
+        err = CNIError(INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        return 1, err.to_json(_stdin_version(stdin)), err.code
+    return 0, out if out is not None else "", None
 
 
 def main() -> int:
@@ -46,25 +94,20 @@ def main() -> int:
     if command == "VERSION":
         sys.stdout.write(version_info(stdin))
         return 0
-    logging.basicConfig(stream=sys.stderr, level=env.get("META_CNI_LOG_LEVEL", "WARNING").upper(),
-                        format="meta-cni %(levelname)s %(message)s")
-    try:
-        from .core import run
+    config = _stdin_config(stdin)
+    socket_path = daemon_socket(config)
+    if socket_path is not None:
+        from . import shim  # sockets and the daemon protocol: only thick mode pays for them
 
-        out = run(env, stdin)
-    except CNIError as e:
-        sys.stdout.write(e.to_json(_stdin_version(stdin)))
-        return 1
-    except RecursionError:
-        sys.stdout.write(CNIError(DECODE_FAILURE, "network config is nested too deeply").to_json(_stdin_version(stdin)))
-        return 1
-    except Exception as e:  # never a traceback on stdout: the runtime must get an error structure
-        logging.getLogger("meta-cni").exception("internal error")
-        sys.stdout.write(CNIError(INTERNAL, f"internal error: {type(e).__name__}: {e}").to_json(_stdin_version(stdin)))
-        return 1
-    if out is not None:
-        sys.stdout.write(out)
-    return 0
+        rc, out = shim.forward(socket_path, env, stdin, config)
+    else:
+        import logging  # thin mode only: the shim path stays as small as it can
+
+        logging.basicConfig(stream=sys.stderr, level=env.get("META_CNI_LOG_LEVEL", "WARNING").upper(),
+                            format="meta-cni %(levelname)s %(message)s")
+        rc, out, _ = execute(env, stdin)
+    sys.stdout.write(out)
+    return rc
 
 
 if __name__ == "__main__":

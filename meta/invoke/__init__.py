@@ -1,7 +1,6 @@
 """Running one delegate plugin: the Invoker seam.
 
-`exec` runs any CNI binary found on CNI_PATH (this issue); `builtin` will run meta-cni's own delegates
-in-process (a later issue). Chains (conflists) are driven by `chain.py` over either invoker.
+`exec` runs any CNI binary found on CNI_PATH; `builtin` runs meta-cni's own delegates in-process. Chains (conflists) are driven by `chain.py` over either invoker.
 """
 from __future__ import annotations
 
@@ -24,5 +23,8 @@ class Invocation:
 
 
 class Invoker(Protocol):
+    """Runs delegates. An invoker may also offer `in_process(plugin_type) -> bool` (the built-in one and
+    the daemon's metering wrapper do): core makes in-process attachments in its own thread."""
+
     def run(self, plugin_type: str, stdin: bytes, inv: Invocation) -> bytes:
         """Run the plugin; its stdout on success, a CNIError otherwise."""
