@@ -25,6 +25,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.run(cni_path=args.cni_path)
 
 
+def _webhook(args: argparse.Namespace) -> int:
+    from . import webhook
+
+    return webhook.main(args.cert, args.key, args.address, args.port)
+
+
 def _daemon(args: argparse.Namespace) -> int:
     from .daemon import app
 
@@ -74,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="attach demo pods to three networks through meta-cni, prove traffic, clean up")
     d.add_argument("--cni-path", default="/usr/lib/cni", help="where the reference host-local IPAM plugin is")
     d.set_defaults(func=_demo)
+    w = sub.add_parser("webhook", help="serve the NetworkAttachmentDefinition validating admission webhook (HTTPS)")
+    w.add_argument("--cert", required=True, help="PEM server certificate (chain); reloaded when the file changes")
+    w.add_argument("--key", required=True, help="PEM private key of --cert")
+    w.add_argument("--address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    w.add_argument("--port", type=int, default=8443, help="port to listen on (default 8443; 0 picks a free one)")
+    w.set_defaults(func=_webhook)
     dm = sub.add_parser("daemon", help="run the per-node daemon that the meta-cni shim forwards CNI requests to")
     dm.add_argument("--socket", default="/run/meta-cni/daemon.sock",
                     help="unix socket for CNI requests (the config's daemonSocket)")

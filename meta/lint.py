@@ -94,7 +94,6 @@ def validate(paths: Iterable[Path], conf_dir: Path | None = None) -> tuple[list[
     nads: dict[str, nad.NetworkConfig | None] = {}
     pods: list[tuple[str, dict[str, Any]]] = []
     count = 0
-    empty_dir = conf_dir or Path("/nonexistent")
     for f in files:
         objs, err = _objects(f)
         if err:
@@ -104,25 +103,31 @@ def validate(paths: Iterable[Path], conf_dir: Path | None = None) -> tuple[list[
             if kind == "NetworkAttachmentDefinition":
                 count += 1
                 ref = _ref(obj)
-                key = ref.split(" ", 1)[1]
-                try:
-                    spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
-                    if not str(spec.get("config") or "").strip() and conf_dir is None:
-                        schema.check("nad", obj, ref)
-                        nads[key] = None  # resolved from a conf dir on the node: not checkable offline
-                        continue
-                    net = nad.from_nad(obj, empty_dir, CURRENT)
-                    nads[key] = net
-                    problems += [Problem(str(f), ref, p) for p in delegate_problems(net)]
-                except CNIError as e:
-                    nads[key] = None
-                    problems += [Problem(str(f), ref, _strip(m, ref)) for m in (e.details.split("; ") if e.details else [e.msg])]
+                net, found = nad_problems(obj, conf_dir)
+                nads[ref.split(" ", 1)[1]] = net
+                problems += [Problem(str(f), ref, p) for p in found]
             elif kind == "Pod":
                 count += 1
                 pods.append((str(f), obj))
     for f, obj in pods:
         problems += [Problem(f, _ref(obj), m) for m in _pod_problems(obj, nads)]
     return problems, count
+
+
+def nad_problems(obj: dict[str, Any], conf_dir: Path | None = None) -> tuple[nad.NetworkConfig | None, list[str]]:
+    """Every problem of one NetworkAttachmentDefinition object, as "field: message" lines, and its delegate
+    network when it could be resolved (None when it is broken, or its empty spec.config can only be resolved
+    from a conf dir on the node and `conf_dir` is not given)."""
+    ref = _ref(obj)
+    try:
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        if not str(spec.get("config") or "").strip() and conf_dir is None:
+            schema.check("nad", obj, ref)
+            return None, []
+        net = nad.from_nad(obj, conf_dir or Path("/nonexistent"), CURRENT)
+        return net, delegate_problems(net)
+    except CNIError as e:
+        return None, [_strip(m, ref) for m in (e.details.split("; ") if e.details else [e.msg])]
 
 
 def _strip(message: str, ref: str) -> str:
