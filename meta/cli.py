@@ -22,7 +22,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.run(cni_path=args.cni_path)
+    return demo.run()
 
 
 def _webhook(args: argparse.Namespace) -> int:
@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--conf-dir", help="CNI config dir for NADs with an empty spec.config")
     v.set_defaults(func=_validate)
     d = sub.add_parser("demo", help="attach demo pods to three networks through meta-cni, prove traffic, clean up")
-    d.add_argument("--cni-path", default="/usr/lib/cni", help="where the reference host-local IPAM plugin is")
     d.set_defaults(func=_demo)
     w = sub.add_parser("webhook", help="serve the NetworkAttachmentDefinition validating admission webhook (HTTPS)")
     w.add_argument("--cert", required=True, help="PEM server certificate (chain); reloaded when the file changes")

@@ -17,7 +17,6 @@ from typing import Any
 
 ROOT = Path("/run/meta-cni-demo")
 SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "demo"
-REFERENCE_CNI = "/usr/lib/cni"
 MASTER = "metademo-mv"
 
 
@@ -30,10 +29,9 @@ def _say(msg: str) -> None:
 
 
 class Demo:
-    def __init__(self, samples: Path = SAMPLES, root: Path = ROOT, cni_path: str = REFERENCE_CNI) -> None:
+    def __init__(self, samples: Path = SAMPLES, root: Path = ROOT) -> None:
         self.samples = samples
         self.root = root
-        self.cni_path = cni_path
         self.netns: list[str] = []
         self.added: list[tuple[str, dict[str, str]]] = []
         self.installed = False  # tear down only what this run set up, never another run's demo
@@ -50,9 +48,8 @@ class Demo:
         (self.root / "bin").mkdir()
         meta_cni = shutil.which("meta-cni") or str(Path(sys.executable).parent / "meta-cni")
         os.symlink(meta_cni, self.root / "bin" / "meta-cni")
-        # Only the IPAM plugin comes from the reference set: bridge and macvlan can then only be meta-cni's
-        # built-in delegates (the demo config maps the standard type names to them).
-        os.symlink(Path(self.cni_path) / "host-local", self.root / "bin" / "host-local")
+        # Nothing else is on the CNI path: bridge, macvlan and host-local can then only be meta-cni's
+        # built-ins (the demo config maps the standard type names to them), all in meta-cni's process.
         _sh("ip", "link", "add", MASTER, "type", "veth", "peer", "name", MASTER + "p")
         for link in (MASTER, MASTER + "p"):
             _sh("ip", "link", "set", link, "up")
@@ -168,13 +165,13 @@ class Demo:
         return left
 
 
-def run(samples: Path = SAMPLES, cni_path: str = REFERENCE_CNI) -> int:
-    demo = Demo(samples=samples, cni_path=cni_path)
+def run(samples: Path = SAMPLES) -> int:
+    demo = Demo(samples=samples)
     failures = 0
     try:
         demo.install()
-        _say(f"installed meta-cni: conf {demo.root / 'net.d'}, CNI path {demo.root / 'bin'} (meta-cni and "
-             f"host-local only: bridge and macvlan run as meta-cni's built-in delegates)")
+        _say(f"installed meta-cni: conf {demo.root / 'net.d'}, CNI path {demo.root / 'bin'} (meta-cni only: "
+             f"bridge, macvlan and host-local run as meta-cni's built-ins, in-process)")
         pods = demo.pods()
         for pod in pods:
             demo.add_pod(pod)
