@@ -21,6 +21,11 @@ Kept different on purpose:
   still used by another attachment of the same network and container is kept instead of failing DEL;
 - a bridge whose ports all left has the all-zero MAC; isGateway then pins the MAC it has once this ADD's port
   joined (the reference tries to set the zero MAC and fails);
+- macspoofchk: the drop rule is appended after the MAC rule; the reference adds it with `index 0` (after the
+  chain's first rule) in the nft batch that also flushes the chain, so when that chain had rules (the same
+  container ID and ifname attached again without DEL) it lands before the new MAC rule and the port drops all
+  its frames. Without the nft command ADD fails before anything is made (the reference fails running nft after
+  making the veth);
 - CHECK of an L2-only config does not call an IPAM plugin (the reference execs one with an empty type and fails);
 - the host port's oper state is not awaited with disableContainerInterface (the port can never come up).
 """
@@ -663,7 +668,8 @@ class SpoofChecker:
         except CNIError as e:
             chains_err = f"failed to delete regular chains: {e.msg}"
         if rule_err or chains_err:
-            raise _fail(f"failed to teardown spoof-check: {rule_err}, {chains_err}")
+            # the reference's "%v, %v" of two errors, one of which may be nil
+            raise _fail(f"failed to teardown spoof-check: {rule_err or '<nil>'}, {chains_err or '<nil>'}")
 
 
 def _unique_id(container_id: str, ifname: str) -> str:

@@ -1,9 +1,10 @@
 """The network state one CNI attachment leaves behind, captured so that two runs can be compared.
 
-`snapshot()` reads, with iproute2, sysfs, /proc/sys and iptables-save, everything a bridge or macvlan
+`snapshot()` reads, with iproute2, sysfs, /proc/sys, iptables-save and nft, everything a bridge or macvlan
 attachment may change: the container interface and its addresses, routes and sysctls; on the host side
 the links, forwarding sysctls, routes, the bridge, the host veth and its bridge-port settings, the
-macvlan master, iptables (v4 and v6) and host-local's reservations.
+macvlan master, iptables (v4 and v6), the whole nftables ruleset (the bridge's macspoofchk rules live
+there, and iptables-nft's tables show up in it too) and host-local's reservations.
 
 Values random by design are replaced by role labels with a `Normaliser`: MACs by whose MAC they are
 ("<mac:container>", "<mac:bridge>", "<mac:container=master>" when equal, "<mac:other>" for one that is no
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -254,6 +256,53 @@ def _iptables(ns: str) -> dict[str, list[str]]:
             "v6": normalise_iptables(in_ns(ns, "ip6tables-save", check=False))}
 
 
+def normalise_nftables(ruleset: dict[str, Any]) -> dict[str, Any]:
+    """`nft -j list ruleset` as `{"<family> <table>": {"chains": {name: {...hook..., "rules": [...]}},
+    "other": [...]}}`: handles (kernel-assigned ids, not configuration) and the metainfo item are dropped,
+    counter values become "<counter>"; tables and chains are compared as sets, rules in chain order."""
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: ("<counter>" if k == "counter" and isinstance(v, dict) else clean(v))
+                    for k, v in obj.items() if k != "handle"}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return obj
+
+    tables: dict[str, dict[str, Any]] = {}
+
+    def table(family: str, name: str) -> dict[str, Any]:
+        return tables.setdefault(f"{family} {name}", {"chains": {}, "other": []})
+
+    for item in ruleset.get("nftables", []):
+        if "metainfo" in item:
+            continue
+        if "table" in item:
+            table(item["table"]["family"], item["table"]["name"])
+        elif "chain" in item:
+            c = clean(item["chain"])
+            t = table(c.pop("family"), c.pop("table"))
+            t["chains"].setdefault(c.pop("name"), {"rules": []}).update(c)
+        elif "rule" in item:
+            r = clean(item["rule"])
+            t = table(r.pop("family"), r.pop("table"))
+            t["chains"].setdefault(r.pop("chain"), {"rules": []})["rules"].append(r)
+        else:  # sets, maps, flowtables, objects
+            kind, body = next(iter(item.items()))
+            body = clean(body)
+            table(body.pop("family"), body.pop("table"))["other"].append({kind: body})
+    return tables
+
+
+def nftables_state(ns: str) -> dict[str, Any] | None:
+    """The nftables ruleset of the namespace `ns` (name or path), normalised; None without the nft command
+    (nftables package)."""
+    if shutil.which("nft") is None:
+        return None
+    out = in_ns(ns_name(ns), "nft", "-j", "list", "ruleset")
+    return normalise_nftables(json.loads(out) if out.strip() else {})
+
+
 def _ipam_state(ipam_dir: Path) -> dict[str, str] | None:
     if not ipam_dir.exists():
         return None
@@ -360,6 +409,7 @@ def snapshot(host_netns: str, container_netns: str, ifname: str, *, bridge: str 
         m = host_links.get(master)
         h["master"] = _link_record(m) if m else None
     h["iptables"] = _iptables(host)
+    h["nftables"] = nftables_state(host)
     snap["host"] = h
     if ipam_dir is not None:
         snap["ipam"] = _ipam_state(ipam_dir)
