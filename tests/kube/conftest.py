@@ -18,6 +18,6 @@ GROUP, VERSION, PLURAL = "k8s.cni.cncf.io", "v1", "network-attachment-definition
 
 @pytest.fixture(scope="module")
 def nad_crd(kube_cluster: KubeCluster) -> dict[str, Any]:
-    """The CRD from crds/, Established."""
-    (crd,) = kube_cluster.apply(CRDS)
+    """The NAD CRD, Established, with every other CRD of crds/ applied beside it."""
+    (crd,) = [c for c in kube_cluster.apply(CRDS) if c["metadata"]["name"] == f"{PLURAL}.{GROUP}"]
     return crd
