@@ -60,6 +60,33 @@ def _install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ipam(args: argparse.Namespace) -> int:
+    from .cni.errors import CNIError
+    from .ipam import admin
+    from .ipam.store import Unavailable
+
+    try:
+        if args.kubeconfig:
+            from .ipam.kubestore import KubeStore
+
+            store: Any = KubeStore.from_kubeconfig(args.kubeconfig, args.api_timeout)
+        else:
+            from .ipam.filestore import FileStore
+
+            store = FileStore(args.data_dir)
+        if args.ipam_command == "pools":
+            out = admin.pools(store, args.pool)
+        elif args.ipam_command == "allocations":
+            out = admin.allocations(store, args.pool)
+        else:
+            out = admin.release(store, args.pool, args.ip)
+    except (admin.AdminError, Unavailable, CNIError, ImportError) as e:
+        print(f"metactl ipam: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(out)
+    return 0
+
+
 def _positive(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
@@ -112,6 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--kubeconfig-file", help="where that kubeconfig goes (default CONF_DIR/meta-cni.d/meta-cni.kubeconfig)")
     ins.add_argument("--serviceaccount-dir", default="/var/run/secrets/kubernetes.io/serviceaccount", help=argparse.SUPPRESS)
     ins.set_defaults(func=_install)
+    ip = sub.add_parser("ipam", help="meta-ipam pools and allocations; release an address by hand")
+    where = ip.add_mutually_exclusive_group()
+    where.add_argument("--data-dir", default="/var/lib/cni/meta-ipam", help="the standalone store (default %(default)s)")
+    where.add_argument("--kubeconfig", help="the cluster store (custom resources) through this kubeconfig")
+    ip.add_argument("--api-timeout", type=_positive(float), default=10.0, help="budget of one API call (default 10)")
+    ipsub = ip.add_subparsers(dest="ipam_command", required=True)
+    ipsub.add_parser("pools", help="size, used, free and block leases by node of every pool").add_argument(
+        "pool", nargs="?", help="only this pool (its network_name)")
+    ipsub.add_parser("allocations", help="every allocation and its owner").add_argument(
+        "pool", nargs="?", help="only this pool (its network_name)")
+    rel = ipsub.add_parser("release", help="free one address, whoever holds it (sticky ones too)")
+    rel.add_argument("pool", help="the pool (network_name)")
+    rel.add_argument("ip", help="the address to free")
+    ip.set_defaults(func=_ipam)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

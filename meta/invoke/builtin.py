@@ -1,9 +1,10 @@
 """Running meta-cni's own delegates (`delegates/`) in this process: no exec, no second interpreter.
 
-Types `meta-bridge`, `meta-macvlan`, `meta-ipvlan` and the IPAM `meta-host-local` always run here; with
-`builtinStandardTypes` the reference names `bridge`, `macvlan`, `ipvlan` and `host-local` do too. A
-built-in delegate's IPAM goes through this invoker as well, so built-in IPAM never costs an exec. Everything else goes to the fallback invoker
-(exec). The delegates (and pyroute2) are imported only when a built-in type is used.
+Types `meta-bridge`, `meta-macvlan`, `meta-ipvlan` and the IPAMs `meta-host-local` and `meta-ipam` (meta/ipam)
+always run here; with `builtinStandardTypes` the reference names `bridge`, `macvlan`, `ipvlan` and `host-local`
+do too. A built-in delegate's IPAM goes through this invoker as well, so built-in IPAM never costs an exec.
+Everything else goes to the fallback invoker (exec). The delegates (and pyroute2) are imported only when a
+built-in type is used.
 """
 from __future__ import annotations
 
@@ -15,15 +16,21 @@ from ..cni import args as cniargs
 from ..cni.errors import DECODE_FAILURE, CNIError
 from . import Invocation, Invoker
 
-BUILTIN = {"meta-bridge": "bridge", "meta-macvlan": "macvlan", "meta-ipvlan": "ipvlan", "meta-host-local": "host_local"}
+BUILTIN = {"meta-bridge": "bridge", "meta-macvlan": "macvlan", "meta-ipvlan": "ipvlan", "meta-host-local": "host_local",
+           "meta-ipam": "meta.ipam.plugin"}
 STANDARD = {"bridge": "bridge", "macvlan": "macvlan", "ipvlan": "ipvlan", "host-local": "host_local"}
+
+
+def _module_name(m: str) -> str:
+    # A bare name is a delegate under delegates/; a dotted one (the meta-ipam plugin) is a full module path.
+    return m if "." in m else f"delegates.{m}"
 
 
 def available() -> set[str]:
     """Built-in modules that exist in this build (the set grows as delegates are added)."""
     import importlib.util
 
-    return {m for m in set(BUILTIN.values()) if importlib.util.find_spec(f"delegates.{m}") is not None}
+    return {m for m in set(BUILTIN.values()) if importlib.util.find_spec(_module_name(m)) is not None}
 
 
 class BuiltinInvoker:
@@ -38,7 +45,7 @@ class BuiltinInvoker:
 
     def module(self, plugin_type: str) -> ModuleType | None:
         name = self.names.get(plugin_type)
-        return importlib.import_module(f"delegates.{name}") if name else None
+        return importlib.import_module(_module_name(name)) if name else None
 
     def run(self, plugin_type: str, stdin: bytes, inv: Invocation) -> bytes:
         module = self.module(plugin_type)

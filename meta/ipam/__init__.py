@@ -1,0 +1,7 @@
+"""meta-ipam: cluster-wide IP address management for secondary networks.
+
+State is sharded into blocks (small CIDRs of a pool) leased to nodes, each a separate object written with
+optimistic concurrency, so no allocation takes a cluster-wide lock and no object grows with the pool.
+The same allocator runs over two stores: Kubernetes custom resources (`kubestore`) and local files under
+a file lock (`filestore`, standalone mode).
+"""
