@@ -77,6 +77,7 @@ NODE_NEEDS = {
     ("k8s.cni.cncf.io", "network-attachment-definitions", "list"),
     ("k8s.cni.cncf.io", "network-attachment-definitions", "watch"),
     ("", "events", "create"), ("", "events", "patch"),
+    *{("ipam.meta-cni.dev", r, v) for r in ("ippools", "ipblocks") for v in ("get", "list", "create", "update", "delete")},
 }
 # Things the node's ServiceAccount must never be able to do.
 NODE_FORBIDDEN = {
