@@ -71,6 +71,19 @@ def links_in(netns: str) -> dict[str, dict[str, Any]]:
     return {link["ifname"]: link for link in json.loads(out)}
 
 
+def host_third_octets(supernet: ipaddress.IPv4Network) -> set[int]:
+    """Third octets of the host's IPv4 addresses inside `supernet` (a /16): a lane picks /24s outside them so
+    that its bridges never overlap those of a concurrent run."""
+    out = subprocess.run(["ip", "-4", "-j", "addr"], capture_output=True, text=True, check=True).stdout
+    used = set()
+    for link in json.loads(out):
+        for a in link.get("addr_info", []):
+            ip = ipaddress.ip_address(a["local"])
+            if ip in supernet:
+                used.add(int(str(ip).split(".")[2]))
+    return used
+
+
 def host_local_reservations(data_dir: Path) -> list[str]:
     """Addresses host-local holds under `data_dir`: one file per address, named by it (its other files,
     lock and last_reserved_ip.N, are bookkeeping)."""

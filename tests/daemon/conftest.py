@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from meta.daemon import protocol, spool
-from tests.conftest import PluginRun, delete_host_link, run_plugin
+from tests.conftest import PluginRun, delete_host_link, host_third_octets, run_plugin
 from tests.integration.conftest import Scenario
 
 METACTL = Path(sys.prefix) / "bin" / "metactl"
@@ -30,18 +30,6 @@ SUPERNET = ipaddress.ip_network("10.243.0.0/16")
 # Generous: a daemon on a loaded 2-core machine may take a while to import and bind. Not a timing assertion,
 # only how long to wait before calling a start-up failed.
 START_BUDGET = 120.0
-
-
-def host_octets() -> set[int]:
-    """Third octets of 10.243.x.y addresses on the host (bridges of a concurrent run)."""
-    out = subprocess.run(["ip", "-4", "-j", "addr"], capture_output=True, text=True, check=True).stdout
-    used = set()
-    for link in json.loads(out):
-        for a in link.get("addr_info", []):
-            ip = ipaddress.ip_address(a["local"])
-            if ip in SUPERNET:
-                used.add(int(str(ip).split(".")[2]))
-    return used
 
 
 class DaemonScenario(Scenario):
@@ -56,7 +44,7 @@ class DaemonScenario(Scenario):
         return name
 
     def subnet(self) -> ipaddress.IPv4Network:
-        taken = self._octets | host_octets()
+        taken = self._octets | host_third_octets(SUPERNET)
         octet = random.choice([o for o in range(1, 255) if o not in taken])
         self._octets.add(octet)
         return ipaddress.IPv4Network(f"10.243.{octet}.0/24")

@@ -23,7 +23,6 @@ import ipaddress
 import json
 import random
 import shutil
-import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,7 +33,7 @@ import attrs
 import kubernetes.client
 import pytest
 
-from tests.conftest import META_CNI, delete_host_link, host_local_reservations, run_plugin
+from tests.conftest import META_CNI, delete_host_link, host_local_reservations, host_third_octets, run_plugin
 from tests.daemon.conftest import Daemon
 from tests.infra.kube_cluster import KubeCluster
 from tests.interop.conftest import Topology, bridge_ports, clean_env, macvlans_on  # noqa: F401 (clean_env: fixture)
@@ -53,18 +52,6 @@ PRIMARY = "primary"
 # answers code 11. A budget of the code under test, not a timing assertion.
 API_TIMEOUT = 5
 MODES = ("thick", "thin")
-
-
-def used_octets() -> set[int]:
-    """Third octets of 10.244.x.y addresses already on the host (bridges of a concurrent run)."""
-    out = subprocess.run(["ip", "-4", "-j", "addr"], capture_output=True, text=True, check=True).stdout
-    used = set()
-    for link in json.loads(out):
-        for a in link.get("addr_info", []):
-            ip = ipaddress.ip_address(a["local"])
-            if ip in SUPERNET:
-                used.add(int(str(ip).split(".")[2]))
-    return used
 
 
 def cache_files(cni_dir: Path) -> list[str]:
@@ -230,7 +217,7 @@ def e2e(request: pytest.FixtureRequest, cluster: KubeCluster, meta_cni: Path, re
         for d in ("bin", "conf", "manifests", "cache", "ipam", "devinfo"):
             (root / d).mkdir()
         (root / "bin" / "meta-cni").symlink_to(meta_cni)
-        octets = random.sample(sorted(set(range(1, 255)) - used_octets()), 3)
+        octets = random.sample(sorted(set(range(1, 255)) - host_third_octets(SUPERNET)), 3)
         subnets = tuple(f"10.244.{o}.0/24" for o in octets)
         topo = Topology(root=root, bin_dir=root / "bin", conf_dir=root / "conf", manifests_dir=root / "manifests",
                         cni_dir=root / "cache", ipam_dir=root / "ipam", devinfo_dir=root / "devinfo",

@@ -19,25 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import PluginRun, delete_host_link, host_local_reservations, links_in, run_plugin
+from tests.conftest import PluginRun, delete_host_link, host_local_reservations, host_third_octets, links_in, run_plugin
 
 META_NAME = "meta"
 POD_NS = "default"
 POD_NAME = "p1"
 NAD_API = "k8s.cni.cncf.io/v1"
-
-
-def host_ipv4_third_octets() -> set[int]:
-    """Third octets of 10.240.x.y addresses already on the host, so that our subnets do not overlap
-    with bridges of a concurrent run."""
-    out = subprocess.run(["ip", "-4", "-j", "addr"], capture_output=True, text=True, check=True).stdout
-    used = set()
-    for link in json.loads(out):
-        for a in link.get("addr_info", []):
-            ip = ipaddress.ip_address(a["local"])
-            if ip in ipaddress.ip_network("10.240.0.0/16"):
-                used.add(int(str(ip).split(".")[2]))
-    return used
 
 
 def ipv4_of(link: dict[str, Any]) -> list[str]:
@@ -81,7 +68,7 @@ class Scenario:
 
     def subnet(self) -> ipaddress.IPv4Network:
         """A /24 inside 10.240.0.0/16 that neither this scenario nor the host uses yet."""
-        taken = self._octets | host_ipv4_third_octets()
+        taken = self._octets | host_third_octets(ipaddress.ip_network("10.240.0.0/16"))
         octet = random.choice([o for o in range(1, 255) if o not in taken])
         self._octets.add(octet)
         return ipaddress.ip_network(f"10.240.{octet}.0/24")
