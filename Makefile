@@ -30,6 +30,8 @@ bench: provision
 	@$(MAKE) --no-print-directory $(STAMP)
 	$(BIN)/python tests/bench/bench_pod.py
 	$(BIN)/python tests/bench/bench_delegates.py
+	$(BIN)/python tests/bench/bench_daemon.py
+	$(BIN)/python tests/bench/bench_ipam.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
