@@ -166,11 +166,8 @@ class Range:
             return value
         return None
 
-    def count_dynamic(self, lo: int, hi: int) -> int:
-        """How many dynamic addresses lie in [lo, hi]."""
-        lo, hi = max(lo, self.first), min(hi, self.last)
-        if lo > hi:
-            return 0
+    def _count_not_excluded(self, lo: int, hi: int) -> int:
+        """How many addresses of [lo, hi] (lo <= hi) no exclusion covers."""
         n = hi - lo + 1
         for a, b in self.excluded:
             a, b = max(a, lo), min(b, hi)
@@ -178,14 +175,13 @@ class Range:
                 n -= b - a + 1
         return n
 
+    def count_dynamic(self, lo: int, hi: int) -> int:
+        """How many dynamic addresses lie in [lo, hi]."""
+        lo, hi = max(lo, self.first), min(hi, self.last)
+        return self._count_not_excluded(lo, hi) if lo <= hi else 0
+
     def count_assignable(self) -> int:
-        lo, hi = self._net_bounds()
-        n = hi - lo + 1
-        for a, b in self.excluded:
-            a, b = max(a, lo), min(b, hi)
-            if a <= b:
-                n -= b - a + 1
-        return n
+        return self._count_not_excluded(*self._net_bounds())
 
     def contains(self, value: int) -> bool:
         return int(self.network.network_address) <= value <= int(self.network.broadcast_address)
