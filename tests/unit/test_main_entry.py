@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,9 @@ class _Stdin:
 
 
 def run_main(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], stdin: bytes) -> tuple[int, str, str]:
-    for k in ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME", "CNI_ARGS", "CNI_PATH"):
-        monkeypatch.delenv(k, raising=False)
+    # Every CNI_* variable, not only the six of the spec: the shim forwards whatever starts with CNI_.
+    for k in [k for k in os.environ if k.startswith("CNI_")]:
+        monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     out, err = io.StringIO(), io.StringIO()

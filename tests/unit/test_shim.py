@@ -1,12 +1,9 @@
 """The thick-mode shim (meta/shim.py via meta/main.py) against a stand-in daemon on a unix socket."""
 from __future__ import annotations
 
-import io
 import json
-import os
 import socketserver
 import stat
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -15,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from meta import main as metamain
-from meta import schema, shim
+from meta import shim
 from meta.daemon import protocol, spool
+from tests.unit.test_main_entry import run_main
 
 
 class FakeDaemon:
@@ -62,24 +59,6 @@ def echo_answer(rc: int, stdout: str) -> Callable[[dict[str, str], bytes], tuple
     return lambda env, stdin: (200, protocol.encode_answer(rc, stdout))
 
 
-class _Stdin:
-    def __init__(self, data: bytes) -> None:
-        self.buffer = io.BytesIO(data)
-
-
-def run_main(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], stdin: bytes) -> tuple[int, str, str]:
-    for k in list(os.environ):
-        if k.startswith("CNI_"):
-            monkeypatch.delenv(k)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setattr(schema, "memo", schema.memo)
-    monkeypatch.setattr(sys, "stdin", _Stdin(stdin))
-    monkeypatch.setattr(sys, "stdout", out)
-    monkeypatch.setattr(sys, "stderr", err)
-    rc = metamain.main()
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
