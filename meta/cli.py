@@ -51,7 +51,8 @@ def _install(args: argparse.Namespace) -> int:
     if args.kubeconfig_from_serviceaccount:
         kubeconfig = Path(args.kubeconfig_file) if args.kubeconfig_file else conf_dir / "meta-cni.d" / "meta-cni.kubeconfig"
     try:
-        written = install.install(Path(args.bin_dir), conf_dir, Path(args.config), kubeconfig, Path(args.serviceaccount_dir))
+        written = install.install(Path(args.bin_dir), conf_dir, Path(args.config), kubeconfig, Path(args.serviceaccount_dir),
+                                  args.python)
     except (install.InstallError, OSError) as e:
         print(f"metactl install: {e}", file=sys.stderr)
         return 1
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--kubeconfig-from-serviceaccount", action="store_true",
                      help="also write a kubeconfig from this pod's service account")
     ins.add_argument("--kubeconfig-file", help="where that kubeconfig goes (default CONF_DIR/meta-cni.d/meta-cni.kubeconfig)")
+    ins.add_argument("--python", default="/usr/bin/python3",
+                     help="the node's python3, for the shim's shebang line (default /usr/bin/python3)")
     ins.add_argument("--serviceaccount-dir", default="/var/run/secrets/kubernetes.io/serviceaccount", help=argparse.SUPPRESS)
     ins.set_defaults(func=_install)
     ip = sub.add_parser("ipam", help="meta-ipam pools and allocations; release an address by hand")

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 ABOUT = "meta-cni: multi-network meta CNI plugin"
 
 
-def _stdin_config(stdin: bytes) -> Any:
+def stdin_config(stdin: bytes) -> Any:
     try:
         return json.loads(stdin)
     except (ValueError, RecursionError):
@@ -31,7 +31,7 @@ def _stdin_config(stdin: bytes) -> Any:
 
 
 def _stdin_version(stdin: bytes) -> str | None:
-    data = _stdin_config(stdin)
+    data = stdin_config(stdin)
     v = data.get("cniVersion") if isinstance(data, dict) else None
     return v if isinstance(v, str) else None
 
@@ -80,21 +80,23 @@ def execute(env: Mapping[str, str], stdin: bytes, **seams: Any) -> tuple[int, st
     return 0, out if out is not None else "", None
 
 
-def main() -> int:
+def main(stdin: bytes | None = None) -> int:
+    """The CNI entry point; `stdin` when the caller (the installed shim) has read it already."""
     env = os.environ
     command = env.get("CNI_COMMAND", "")
     if not command:
         sys.stderr.write(f"{ABOUT}\nCNI protocol versions supported: {', '.join(cniversion.SUPPORTED)}\n")
         return 0
-    try:
-        stdin = sys.stdin.buffer.read()
-    except OSError as e:
-        sys.stdout.write(CNIError(5, f"cannot read stdin: {e}").to_json())
-        return 1
+    if stdin is None:
+        try:
+            stdin = sys.stdin.buffer.read()
+        except OSError as e:
+            sys.stdout.write(CNIError(5, f"cannot read stdin: {e}").to_json())
+            return 1
     if command == "VERSION":
         sys.stdout.write(version_info(stdin))
         return 0
-    config = _stdin_config(stdin)
+    config = stdin_config(stdin)
     socket_path = daemon_socket(config)
     if socket_path is not None:
         from . import shim  # sockets and the daemon protocol: only thick mode pays for them

@@ -1,9 +1,11 @@
 """`metactl install`: what the DaemonSet's init container runs to put meta-cni on the node.
 
-- The shim: `<bin-dir>/meta-cni`, a zipapp of the standard-library-only modules (entry point, shim, CNI
-  errors and versions, the daemon protocol and the DEL spool) behind `#!/usr/bin/env python3`, so the node
-  needs python3 and nothing else. It forwards every call to the daemon, which is why the config must name
-  `daemonSocket`.
+- The shim: `<bin-dir>/meta-cni`, a five-line script run by the node's python3 (`-I -S`: no user site, no
+  site-packages .pth files, ~3 ms less per call), and beside it `<bin-dir>/meta-cni-shim.zip`, the
+  standard-library-only modules it imports (entry point, shim, CNI errors and versions, the daemon protocol
+  and the DEL spool), so the node needs python3 and nothing else. Not a zipapp: running one costs ~5 ms of
+  runpy and importlib.util imports per call. It forwards every call to the daemon, which is why the config
+  must name `daemonSocket`.
 - The config: copied into `<conf-dir>` under its own file name, after the shim (a runtime that sees the
   config must find the executable).
 - Optionally a kubeconfig built from the pod's service account (server from KUBERNETES_SERVICE_HOST/PORT,
@@ -16,8 +18,10 @@ half-written file, and replacing a running shim never fails with "text file busy
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
+import marshal
 import os
 import zipfile
 from pathlib import Path
@@ -31,8 +35,18 @@ SHIM_MODULES = (
     "cni/__init__.py", "cni/errors.py", "cni/version.py",
     "daemon/__init__.py", "daemon/protocol.py", "daemon/spool.py",
 )
-ENTRY = "import sys\n\nfrom meta.main import main\n\nsys.exit(main())\n"
-INTERPRETER = "/usr/bin/env python3"
+SHIM = "meta-cni"
+LIBRARY = "meta-cni-shim.zip"
+# The library is found beside the script as the runtime named it (CNI_PATH + type): `os.path` would cost an
+# import on every call, so the shim and its library are installed as regular files, side by side.
+LAUNCHER = f"""import sys
+sys.path.insert(0, __file__ + "{LIBRARY[len(SHIM):]}")
+from meta.shim import installed_main
+sys.exit(installed_main())
+"""
+# The node's interpreter. -I: isolated from the environment and the user's site; -S: no site module (on
+# Debian it runs every dist-packages .pth file even under -I). One option word: a shebang passes one argument.
+DEFAULT_PYTHON = "/usr/bin/python3"
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # A fixed timestamp makes the archive reproducible: reinstalling the same release rewrites identical bytes.
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -42,14 +56,28 @@ class InstallError(Exception):
     """Something the operator must fix; the message says what."""
 
 
-def shim_zipapp() -> bytes:
-    """The executable bytes of the shim (a shebang line followed by a zip archive)."""
+def shim_script(python: str = DEFAULT_PYTHON) -> bytes:
+    """The executable the runtime runs (`<bin-dir>/meta-cni`)."""
+    return f"#!{python} -IS\n{LAUNCHER}".encode()
+
+
+def bytecode(source: bytes, filename: str) -> bytes:
+    """A PEP 552 unchecked-hash .pyc of `source` for this interpreter. zipimport cannot write bytecode, so
+    without it every call would compile the shim's modules again (~4 ms); a node whose python3 is another
+    version sees a foreign magic number and zipimport compiles the source beside it instead."""
+    code = compile(source, filename, "exec", dont_inherit=True)
+    return importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little") + importlib.util.source_hash(source) + marshal.dumps(code)
+
+
+def shim_library() -> bytes:
+    """The zip archive of the shim's modules and their bytecode (`<bin-dir>/meta-cni-shim.zip`), imported
+    through zipimport."""
     buf = io.BytesIO()
-    buf.write(f"#!{INTERPRETER}\n".encode())
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for rel in SHIM_MODULES:
-            zf.writestr(zipfile.ZipInfo(f"meta/{rel}", ZIP_TIME), (PACKAGE_ROOT / rel).read_bytes())
-        zf.writestr(zipfile.ZipInfo("__main__.py", ZIP_TIME), ENTRY)
+            source = (PACKAGE_ROOT / rel).read_bytes()
+            zf.writestr(zipfile.ZipInfo(f"meta/{rel}", ZIP_TIME), source)
+            zf.writestr(zipfile.ZipInfo(f"meta/{rel[:-3]}.pyc", ZIP_TIME), bytecode(source, f"meta/{rel}"))
     return buf.getvalue()
 
 
@@ -101,14 +129,19 @@ def serviceaccount_kubeconfig(sa_dir: Path, host: str | None, port: str | None) 
 
 
 def install(bin_dir: Path, conf_dir: Path, config: Path, kubeconfig: Path | None = None,
-            sa_dir: Path = SERVICE_ACCOUNT) -> list[Path]:
+            sa_dir: Path = SERVICE_ACCOUNT, python: str = DEFAULT_PYTHON) -> list[Path]:
     """Install the shim, the kubeconfig (when `kubeconfig` is given) and the config; the paths written."""
     raw = check_config(config)
+    if not python.startswith("/") or any(c.isspace() for c in python):
+        raise InstallError(f"--python {python!r}: must be an absolute path without spaces (a shebang line)")
     written = []
     bin_dir.mkdir(parents=True, exist_ok=True)
-    shim = bin_dir / "meta-cni"
-    atomicfile.write(shim, shim_zipapp(), mode=0o755, durable=True)
-    written.append(shim)
+    # The library first: a runtime calling the new script must find what it imports.
+    library = bin_dir / LIBRARY
+    atomicfile.write(library, shim_library(), mode=0o644, durable=True)
+    shim = bin_dir / SHIM
+    atomicfile.write(shim, shim_script(python), mode=0o755, durable=True)
+    written += [shim, library]
     if kubeconfig is not None:
         doc = serviceaccount_kubeconfig(sa_dir, os.environ.get("KUBERNETES_SERVICE_HOST"),
                                         os.environ.get("KUBERNETES_SERVICE_PORT"))

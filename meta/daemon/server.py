@@ -20,6 +20,7 @@ from pathlib import Path
 from . import protocol
 
 log = logging.getLogger("meta-cni.daemon")
+ANSWER_TYPE = "application/octet-stream"  # exit code line + stdout bytes (meta/daemon/protocol.py)
 
 
 class Endpoints:
@@ -84,13 +85,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer_bad_request(str(e))
             return
         rc, out = self.server.endpoints.cni(env, stdin)
-        self._send(200, protocol.encode_answer(rc, out))
+        self._send(200, protocol.encode_answer(rc, out), ANSWER_TYPE)
 
     def _answer_bad_request(self, why: str) -> None:
         from ..cni.errors import DECODE_FAILURE, CNIError
 
         out = CNIError(DECODE_FAILURE, f"meta-cni daemon cannot read the request: {why}").to_json()
-        self._send(400, protocol.encode_answer(1, out))
+        self._send(400, protocol.encode_answer(1, out), ANSWER_TYPE)
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

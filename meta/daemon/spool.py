@@ -2,8 +2,9 @@
 
 The shim answers such a DEL with success (the runtime then forgets the sandbox), so the request itself must
 survive: it is written durably (fsync) and atomically, 0600 in a 0700 directory, to
-`<cniDir>/pending-del/<key>.json`, the same cniDir (and the same disk) as the cache the DEL will work from.
-The file holds the protocol's request body, so the daemon replays it exactly as if it had come over the socket.
+`<cniDir>/pending-del/<key>.del`, the same cniDir (and the same disk) as the cache the DEL will work from.
+The file holds the protocol's request body, so the daemon replays it exactly as if it had come over the socket;
+its mtime is when it was spooled (the replay order).
 
 `<key>` is a digest of (network name, container ID, interface): a repeated DEL overwrites its own file, and
 the daemon can find the pending DEL of an attachment before it serves an ADD for the same one.
@@ -13,10 +14,8 @@ Standard library only: the shim writes here when the daemon is down.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from .. import atomicfile
 from . import protocol
 
 DIR = "pending-del"
-SUFFIX = ".json"
+SUFFIX = ".del"
 # Mirrors meta.config.DEFAULTS["cniDir"]; that module is not standard library only.
 DEFAULT_CNI_DIR = "/var/lib/cni/meta-cni"
 
@@ -49,14 +48,13 @@ def path_for(cni_dir: str, network: str, container_id: str, ifname: str) -> Path
 
 
 def write(env: Mapping[str, str], stdin: bytes, config: Mapping[str, Any]) -> Path:
-    """Spool one DEL durably; OSError when it cannot be kept (then the DEL must fail, or it leaks)."""
+    """Spool one DEL durably; OSError (or ValueError for an environment no request can carry) when it cannot be
+    kept (then the DEL must fail, or it leaks)."""
     name = config.get("name")
     path = path_for(cni_dir_of(config), name if isinstance(name, str) else "", env.get("CNI_CONTAINERID", ""),
                     env.get("CNI_IFNAME", ""))
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    body = json.loads(protocol.encode_request(env, stdin))
-    body["spooledAt"] = time.time()
-    atomicfile.write(path, json.dumps(body).encode(), mode=0o600, durable=True)
+    atomicfile.write(path, protocol.encode_request(env, stdin), mode=0o600, durable=True)
     return path
 
 

@@ -10,24 +10,22 @@ macvlan net2, IPAM host-local on each (the same three attachments as bench_pod.p
 
 1. One pod ADD and DEL, each way (fresh netns per round):
      (a)  shim -> daemon, built-in delegates (builtinStandardTypes true: bridge, macvlan and host-local all
-          run in the daemon's process), manifests source; the shim is the zipapp `metactl install` writes,
-          run as a node runs it (/usr/bin/python3 -I),
+          run in the daemon's process), manifests source; the shim is what `metactl install` writes (a
+          script run by /usr/bin/python3 -IS and its zip of modules), exec'd by its path as a node runs it,
      (a') the same with the venv's `meta-cni` console script as the shim,
-     (a*) the same with the zipapp plus a .pyc per module (a proposal: zipimport cannot cache bytecode, so
-          the installed shim compiles its modules on every call; built by the bench from the installed one),
-     (b)  shim (zipapp) -> daemon, built-ins, Kubernetes source: pod and NADs in a real kube-apiserver
+     (b)  shim (installed) -> daemon, built-ins, Kubernetes source: pod and NADs in a real kube-apiserver
           started by the bench, the daemon with --kubeconfig and its watch caches; the production path,
      (b') the same with the venv's `meta-cni` as the shim,
      (c)  thin mode (`meta-cni` does everything in its own process), built-ins, manifests source,
      (c') thin mode, built-ins, Kubernetes source (direct API calls, no watch),
-     (d)  shim (zipapp) -> daemon, the reference plugins exec'd (builtinStandardTypes false), manifests,
+     (d)  shim (installed) -> daemon, the reference plugins exec'd (builtinStandardTypes false), manifests,
      (e)  the three reference plugins exec'd directly in sequence, DEL in reverse with prevResult: the
           yardstick every ratio is against.
    For (a)-(b') the daemon's own log gives the time spent inside it per request ("request served"
    duration_ms): the rest is the shim (interpreter start, imports, socket, HTTP, JSON).
 2. Start-up of the shims alone (VERSION, answered without the daemon) and of a bare /usr/bin/python3 -I
    (and -I -S: without site, which on Debian runs the dist-packages .pth files even under -I).
-3. A burst: N pods (default 50) ADDed at once, one thread per pod exec'ing the zipapp shim (distinct netns
+3. A burst: N pods (default 50) ADDed at once, one thread per pod exec'ing the installed shim (distinct netns
    and container IDs, pods in the API) through the daemon with the Kubernetes source; total wall time,
    per-pod median/p99, the daemon's peak RSS (VmHWM, reset through /proc/<pid>/clear_refs just before the
    burst); the same pods with the three reference plugins exec'd directly per pod, concurrently, as the
@@ -88,7 +86,7 @@ from tests.bench.bench_delegates import (  # noqa: E402
     venv_bin,
 )
 
-SYSTEM_PYTHON = "/usr/bin/python3"  # what runs the installed zipapp shim on a node (tests/unit/test_daemon_install.py)
+SYSTEM_PYTHON = "/usr/bin/python3"  # what runs the installed shim on a node (tests/unit/test_daemon_install.py)
 POD = "pod-bench"
 NETWORK = "metanet"
 NETWORK_STATUS = "k8s.v1.cni.cncf.io/network-status"
@@ -111,30 +109,6 @@ def run_cni(argv: list[str], command: str, stdin: bytes, cid: str, netns: str, c
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} {command} {cid}: rc {p.returncode}: {p.stdout.decode()} {p.stderr.decode()}")
     return p.stdout
-
-
-def with_bytecode(zipapp: bytes) -> bytes:
-    """The zipapp with a checked-hash .pyc beside every module (PEP 552): zipimport cannot write bytecode,
-    so the shim compiles its modules from source on every call. A proposal measured here, not what
-    `metactl install` writes; an interpreter of another bytecode version ignores the .pyc and uses the .py."""
-    import importlib.util
-    import io
-    import marshal
-    import zipfile
-
-    shebang, _, _ = zipapp.partition(b"\n")
-    buf = io.BytesIO()
-    buf.write(shebang + b"\n")
-    with zipfile.ZipFile(io.BytesIO(zipapp)) as src, zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as dst:
-        for info in src.infolist():
-            data = src.read(info)
-            dst.writestr(info, data)
-            if info.filename.endswith(".py"):
-                code = compile(data, info.filename, "exec", dont_inherit=True)
-                pyc = (importlib.util.MAGIC_NUMBER + (0b11).to_bytes(4, "little") + importlib.util.source_hash(data)
-                       + marshal.dumps(code))
-                dst.writestr(zipfile.ZipInfo(info.filename + "c", info.date_time), pyc)
-    return buf.getvalue()
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -326,12 +300,10 @@ class Bench:
         self.cluster: Any = None
         self.meta_cni = venv_bin("meta-cni")
         self.bin_dir = root / "bin"
-        self.zipapp = self.bin_dir / "meta-cni"
+        self.installed = self.bin_dir / "meta-cni"
         self.cni_path = f"{self.bin_dir}:{REFERENCE_PLUGINS}"
         self.daemon = Daemon(root, [])
-        self.zipapp_pyc = root / "bin-pyc" / "meta-cni"
-        self.shims = {"zipapp": [SYSTEM_PYTHON, "-I", str(self.zipapp)], "venv": [str(self.meta_cni)],
-                      "zipapp+pyc": [SYSTEM_PYTHON, "-I", str(self.zipapp_pyc)]}
+        self.shims = {"installed": [str(self.installed)], "venv": [str(self.meta_cni)]}
         # name -> fn(netns, container_id) -> (ADD s, DEL s); the order is the report's.
         self.cases: dict[str, Callable[[str, str], Sample]] = {}
         self.startup: dict[str, Callable[[], float]] = {}
@@ -421,9 +393,6 @@ class Bench:
                                    "clusterNetwork": "primary", "daemonSocket": str(self.daemon.socket)}))
         sh(str(venv_bin("metactl")), "install", "--bin-dir", str(self.bin_dir), "--conf-dir", str(self.root / "netd"),
            "--config", str(cfg))
-        self.zipapp_pyc.parent.mkdir()
-        self.zipapp_pyc.write_bytes(with_bytecode(self.zipapp.read_bytes()))
-        self.zipapp_pyc.chmod(0o755)
         args = ["--cni-dir", str(self.root / "daemon-cni"), "--max-concurrent", str(self.max_concurrent),
                 "--node-name", self.node]
         if self.cluster is not None:
@@ -495,10 +464,9 @@ class Bench:
         v = b'{"cniVersion":"1.0.0"}'
         s = self.startup
         s[f"bare {SYSTEM_PYTHON} -I -c pass"] = lambda: time_exec([SYSTEM_PYTHON, "-I", "-c", "pass"])
-        s[f"bare {SYSTEM_PYTHON} -I -S -c pass (no site: Debian .pth files)"] = lambda: time_exec(
-            [SYSTEM_PYTHON, "-I", "-S", "-c", "pass"])
-        s["zipapp shim VERSION (python3 -I)"] = lambda: time_exec(self.shims["zipapp"], v, version_env)
-        s["zipapp shim VERSION, with bytecode (proposal)"] = lambda: time_exec(self.shims["zipapp+pyc"], v, version_env)
+        s[f"bare {SYSTEM_PYTHON} -IS -c pass (what the installed shim starts)"] = lambda: time_exec(
+            [SYSTEM_PYTHON, "-IS", "-c", "pass"])
+        s["installed shim VERSION (the json-parsing path)"] = lambda: time_exec(self.shims["installed"], v, version_env)
         s["venv meta-cni VERSION"] = lambda: time_exec(self.shims["venv"], v, version_env)
         s["bridge VERSION (Go plugin)"] = lambda: time_exec([str(REFERENCE_PLUGINS / "bridge")], v, version_env)
 
@@ -569,7 +537,7 @@ class Burst:
         self.runs += 1
         netns = self._netns()
         cids = [f"bench-{b.tag}-burst{self.runs}-{i}" for i in range(len(self.names))]
-        argv = b.shims["zipapp"]
+        argv = b.shims["installed"]
         try:
             def add(i: int) -> Callable[[], None]:
                 def fn() -> None:
@@ -631,14 +599,13 @@ class Burst:
 # --- the run --------------------------------------------------------------------------------------------
 
 LABELS = {
-    "(a)": "shim(zipapp) -> daemon, built-ins, manifests",
+    "(a)": "shim(installed) -> daemon, built-ins, manifests",
     "(a')": "shim(venv meta-cni) -> daemon, built-ins, manifests",
-    "(a*)": "as (a), zipapp with bytecode (proposal)",
-    "(b)": "shim(zipapp) -> daemon, built-ins, Kubernetes  [prod]",
+    "(b)": "shim(installed) -> daemon, built-ins, Kubernetes  [prod]",
     "(b')": "shim(venv meta-cni) -> daemon, built-ins, Kubernetes",
     "(c)": "thin meta-cni, built-ins, manifests",
     "(c')": "thin meta-cni, built-ins, Kubernetes",
-    "(d)": "shim(zipapp) -> daemon, reference execs, manifests",
+    "(d)": "shim(installed) -> daemon, reference execs, manifests",
     "(e)": "3 reference plugins exec'd directly (yardstick)",
 }
 
@@ -651,14 +618,13 @@ def run(rounds: int, warmup: int, pods: int, bursts: int, max_concurrent: int) -
         bench.start(with_kube=True)
         t_setup = time.monotonic() - t_start
         idle = proc_status(bench.daemon.pid)
-        bench.add_meta("(a)", shim="zipapp", builtin=True, kube=False)
+        bench.add_meta("(a)", shim="installed", builtin=True, kube=False)
         bench.add_meta("(a')", shim="venv", builtin=True, kube=False)
-        bench.add_meta("(a*)", shim="zipapp+pyc", builtin=True, kube=False)
-        bench.add_meta("(b)", shim="zipapp", builtin=True, kube=True)
+        bench.add_meta("(b)", shim="installed", builtin=True, kube=True)
         bench.add_meta("(b')", shim="venv", builtin=True, kube=True)
         bench.add_meta("(c)", shim=None, builtin=True, kube=False)
         bench.add_meta("(c')", shim=None, builtin=True, kube=True)
-        bench.add_meta("(d)", shim="zipapp", builtin=False, kube=False)
+        bench.add_meta("(d)", shim="installed", builtin=False, kube=False)
         bench.add_direct("(e)")
         bench.add_startup()
         burst = Burst(bench, pods) if pods else None
@@ -777,7 +743,7 @@ def report(samples: dict[str, list[Sample]], cids: dict[str, list[str]], served:
         row(name, values)
 
     if bursts:
-        out.extend(["", f"3. burst: {pods} pods ADDed at once (one thread per pod; shim = zipapp), then DEL at once; "
+        out.extend(["", f"3. burst: {pods} pods ADDed at once (one thread per pod; shim = installed), then DEL at once; "
                         f"{len([b for b in bursts if b[0] == 'daemon'])} burst(s) per way, alternating"])
         out.append(f"{'':<{W}}{'wall s':>8}{'x (e)':>7}{'pod med ms':>11}{'pod p99 ms':>11}")
         out.append("-" * (W + 46))
@@ -830,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     if not KUBE_APISERVER.is_file() or shutil.which("etcd") is None:
         sys.exit(f"{KUBE_APISERVER} or etcd missing: run `make provision`")
     if not Path(SYSTEM_PYTHON).is_file():
-        sys.exit(f"{SYSTEM_PYTHON} missing (it runs the installed zipapp shim)")
+        sys.exit(f"{SYSTEM_PYTHON} missing (it runs the installed shim)")
     # SIGTERM unwinds like Ctrl-C, so the finally blocks stop the daemon and the API server and remove links,
     # netns and files.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

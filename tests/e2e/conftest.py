@@ -56,7 +56,7 @@ MODES = ("thick", "thin")
 
 def cache_files(cni_dir: Path) -> list[str]:
     """What meta-cni holds in its cniDir for attachments: cache entries `<network>/<container>/<ifname>.json`
-    and spooled DELs `pending-del/*.json`. The top-level dot files (`.schema-memo.json`) are not per pod."""
+    and spooled DELs `pending-del/*.del`. The top-level dot files (`.schema-memo.json`) are not per pod."""
     if not cni_dir.is_dir():
         return []
     return sorted(str(p.relative_to(cni_dir)) for p in cni_dir.rglob("*")

@@ -139,19 +139,28 @@ def test_json_logs_with_request_context(monkeypatch: pytest.MonkeyPatch) -> None
 # --- protocol ------------------------------------------------------------------------------------------
 
 def test_request_round_trip_keeps_exact_bytes() -> None:
-    stdin = b'\xff\x00{"not": "utf-8"}'
-    env, got = protocol.decode_request(protocol.encode_request({"CNI_COMMAND": "ADD", "HOME": "/root"}, stdin))
-    assert got == stdin and env == {"CNI_COMMAND": "ADD"}, "only CNI_* variables are taken from a request"
+    stdin = b'\xff\x00{"not": "utf-8"}\0\0'
+    env = {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=\udcff", "HOME": "/root", "CNI_EMPTY": ""}
+    got_env, got = protocol.decode_request(protocol.encode_request(env, stdin))
+    assert got == stdin, "the stdin bytes after the environment are kept exactly, NUL bytes included"
+    assert got_env == {"CNI_COMMAND": "ADD", "CNI_ARGS": "A=1;B=\udcff", "CNI_EMPTY": ""}, \
+        "only CNI_* variables, and any byte of a value (undecodable ones as os.fsdecode keeps them)"
 
 
-@pytest.mark.parametrize("body", [b"[]", b'{"env": {"A": 1}, "config": ""}', b'{"env": {}, "config": "%%%"}',
-                                  b'{"env": {}}', b"nope"])
+def test_a_request_that_cannot_be_framed_is_refused() -> None:
+    with pytest.raises(ValueError, match="CNI_A=B"):
+        protocol.encode_request({"CNI_A=B": "x"}, b"")
+    with pytest.raises(ValueError):
+        protocol.encode_request({"CNI_A": "x\0y"}, b"")
+
+
+@pytest.mark.parametrize("body", [b"", b"CNI_COMMAND=ADD", b"CNI_COMMAND=ADD\0", b"NOEQUALS\0\0{}", b"=x\0\0{}"])
 def test_bad_requests(body: bytes) -> None:
     with pytest.raises(ValueError):
         protocol.decode_request(body)
 
 
-@pytest.mark.parametrize("body", [b"{}", b'{"exitCode": true, "stdout": ""}', b'{"exitCode": 0}', b"[1]"])
+@pytest.mark.parametrize("body", [b"", b"0", b"x\nout", b"-1\nout", b"1000\nout", b'{"exitCode": 0, "stdout": ""}'])
 def test_bad_answers(body: bytes) -> None:
     with pytest.raises(ValueError):
         protocol.decode_answer(body)

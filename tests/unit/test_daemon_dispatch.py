@@ -206,13 +206,13 @@ def test_a_live_del_settles_the_spooled_one(core: FakeCore, cni_dir: str) -> Non
 def test_replay(cni_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     d = make(replayed=False)
     good, failing = spool_del(cni_dir, "c1"), spool_del(cni_dir, "c2")
-    corrupt = spool.directory(cni_dir) / "bad.json"
-    corrupt.write_text("{")
+    corrupt = spool.directory(cni_dir) / "bad.del"
+    corrupt.write_bytes(b"CNI_COMMAND=DEL")
     corrupt.chmod(0o600)
     loose = spool_del(cni_dir, "c3")
     loose.chmod(0o666)
-    not_del = spool.directory(cni_dir) / "add.json"
-    not_del.write_text(good.read_text().replace('"DEL"', '"ADD"'))
+    not_del = spool.directory(cni_dir) / "add.del"
+    not_del.write_bytes(good.read_bytes().replace(b"CNI_COMMAND=DEL", b"CNI_COMMAND=ADD"))
     not_del.chmod(0o600)
 
     def fail_c2(env_: dict[str, str], stdin: bytes, **seams: Any) -> tuple[int, str, int | None]:
@@ -226,7 +226,7 @@ def test_replay(cni_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert replayer.replay_all() == 1, "only the failing DEL is still pending"
     assert not good.exists() and failing.exists()
     assert sorted(p.name for p in spool.directory(cni_dir).iterdir() if p.name.startswith(".")) == sorted(
-        [".corrupt-bad.json", ".corrupt-add.json", f".untrusted-{loose.name}"])
+        [".corrupt-bad.del", ".corrupt-add.del", f".untrusted-{loose.name}"])
     assert replayer.pending() == [failing]
     text = d.metrics.render().decode()
     assert metric(text, "meta_cni_pending_del_replays_total", result="ok") == 1

@@ -1,9 +1,12 @@
 """The thick-mode shim (meta/shim.py via meta/main.py) against a stand-in daemon on a unix socket."""
 from __future__ import annotations
 
+import io
 import json
+import posix
 import socketserver
 import stat
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
@@ -14,7 +17,7 @@ import pytest
 
 from meta import shim
 from meta.daemon import protocol, spool
-from tests.unit.test_main_entry import run_main
+from tests.unit.test_main_entry import _Stdin, run_main
 
 
 class FakeDaemon:
@@ -186,3 +189,38 @@ def test_shim_module_standalone_call(tmp_path: Path, sock: Path) -> None:
         assert shim.call(str(sock), {"CNI_COMMAND": "DEL"}, b"{}") == (0, "out")
     with pytest.raises(shim.Unreachable):
         shim.call(str(sock), {"CNI_COMMAND": "DEL"}, b"{}")
+
+
+@pytest.mark.parametrize("stdin,expected", [
+    (b'{"type": "meta-cni", "daemonSocket": "/run/meta-cni/daemon.sock"}', "/run/meta-cni/daemon.sock"),
+    (b'{"daemonSocket"\n\t:  "/d.sock" ,"name": "x"}', "/d.sock"),
+    (b'{"daemonSocket": "/caf\xc3\xa9.sock"}', "/caf\u00e9.sock"),
+    # Anything it cannot read with certainty goes to the real parser (meta/main.py):
+    (b'{"name": "x"}', None),
+    (b'{"daemonSocket": "/a.sock", "args": {"daemonSocket": "/b.sock"}}', None),
+    (b'{"daemonSocket": "relative.sock"}', None),
+    (b'{"daemonSocket": "/with\\"quote.sock"}', None),
+    (b'{"daemonSocket": "/esc\\u0061ped"}', None),
+    (b'{"daemonSocket": null}', None),
+    (b'{"daemonSocket": "/unterminated', None),
+    (b'{"note": "daemonSocket", "x": 1}', None),
+    (b'{"daemonSocket": "/bad\xff.sock"}', None),
+])
+def test_config_socket_read_without_parsing(stdin: bytes, expected: str | None) -> None:
+    assert shim.config_socket(stdin) == expected
+
+
+def test_installed_entry_forwards_the_exact_request(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sock: Path) -> None:
+    # installed_main is what the node's shim runs; the same checks as through meta/main.py.
+    stdin = json.dumps(config(tmp_path, sock)).encode() + b"\n"
+    # The process environment as the kernel gave it (bytes): what installed_main reads, not os.environ.
+    environ = {k.encode(): v.encode() for k, v in env_for("ADD", CNI_EXTRA="yes").items()} | {b"NOT_CNI": b"x"}
+    monkeypatch.setattr(posix, "environ", environ)
+    monkeypatch.setattr(sys, "stdin", _Stdin(stdin))
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    with FakeDaemon(sock, echo_answer(3, "answer")) as fake:
+        assert shim.installed_main() == 3
+    assert out.getvalue() == "answer"
+    ((path, env, body),) = fake.received
+    assert path == protocol.CNI and body == stdin and env == env_for("ADD", CNI_EXTRA="yes")

@@ -63,5 +63,5 @@ def test_unreachable_and_spooled_del(tmp_path: Path) -> None:
     assert_stdlib_only(delete)
 
 
-def test_protocol_answer_is_plain_json() -> None:
-    assert json.loads(protocol.encode_answer(1, "x")) == {"exitCode": 1, "stdout": "x"}
+def test_protocol_answer_is_the_exit_code_line_then_stdout() -> None:
+    assert protocol.encode_answer(1, '{"code": 7}\n') == b'1\n{"code": 7}\n'
