@@ -72,6 +72,10 @@ WATCH_READ_MARGIN = 30.0
 # A watch that ends sooner than this without an error counts as a failure for the backoff.
 SHORT_WATCH = 1.0
 LIST_PAGE = 500
+# How long a GET's "not found" answers later misses of a watched collection (see WatchCache.note_absent;
+# a watch session, WATCH_TIMEOUT, is shorter anyway), and how many such names are kept.
+ABSENT_TTL = 60.0
+ABSENT_MEMORY = 4096
 UID_MEMORY = 1024
 
 T = TypeVar("T")
@@ -632,6 +636,9 @@ class WatchCache(Generic[T]):
         self.lists = 0  # completed lists (the first one and every re-list)
         self._resp: Response | None = None
         self._lock = threading.Lock()
+        # Objects a GET found missing while the current watch was open: (watch session, when).
+        self._absent: dict[tuple[str, str], tuple[int, float]] = {}
+        self._session = 0
         self.thread = threading.Thread(target=self._run, name=f"meta-cni-watch-{kind}", daemon=True)
 
     def start(self) -> None:
@@ -711,6 +718,8 @@ class WatchCache(Generic[T]):
                                    read_timeout=seconds + WATCH_READ_MARGIN)
         with self._lock:
             self._resp = resp
+            self._session += 1
+            self._absent.clear()
         events = 0
         try:
             if self.stop.is_set():
@@ -740,6 +749,27 @@ class WatchCache(Generic[T]):
             resp = self._resp
         if resp is not None:
             resp.close()
+
+    def note_absent(self, namespace: str, name: str) -> None:
+        """A GET (a quorum read) found no such object while this watch was open. Until that watch ends, a
+        miss in the store still means "absent": an object created later reaches the store through this
+        watch, just as changes to the objects it holds do (the same staleness as any cached answer)."""
+        with self._lock:
+            if self._resp is not None:
+                if len(self._absent) >= ABSENT_MEMORY:
+                    self._absent.clear()
+                self._absent[(namespace, name)] = (self._session, time.monotonic())
+
+    def known_absent(self, namespace: str, name: str) -> bool:
+        """Whether a miss for this object can be answered without asking the API (see note_absent)."""
+        with self._lock:
+            seen = self._absent.get((namespace, name))
+            if seen is None:
+                return False
+            if self._resp is None or seen[0] != self._session or time.monotonic() - seen[1] > ABSENT_TTL:
+                del self._absent[(namespace, name)]
+                return False
+            return True
 
 
 # --- events ---------------------------------------------------------------------------------------------
@@ -907,11 +937,16 @@ class KubeSource:
             cached: dict[str, Any] | None = cache.store.get(namespace, name)
             if cached is not None:
                 return copy.deepcopy(cached)
-            # A miss is the error path (unknown network) or a NAD created a moment ago: ask the API.
+            # A miss is the error path (unknown network), a NAD created a moment ago, or a name that is not a
+            # NAD at all (a clusterNetwork that names a confDir file, on every ADD): ask the API once per watch.
+            if cache.known_absent(namespace, name):
+                return None
         path = (f"/apis/{NAD_GROUP}/{NAD_VERSION}/namespaces/{quote(namespace, safe='')}/{NAD_PLURAL}/"
                 f"{quote(name, safe='')}")
         status, obj, _ = self.api.call("GET", path, Action("get", NAD_RESOURCE, namespace, what))
         if status == 404:
+            if cache is not None:
+                cache.note_absent(namespace, name)
             return None
         return nad_from_object(obj, what)
 

@@ -542,6 +542,27 @@ def test_watch_uid_mismatch_and_miss_ask_the_api(served: tuple[FakeApiServer, Ku
                                "/apis/k8s.cni.cncf.io/v1/namespaces/default/network-attachment-definitions/nope"]
 
 
+def test_a_nad_found_missing_is_not_asked_for_again_while_the_watch_lasts(served: tuple[FakeApiServer, KubeSource]) -> None:
+    # A clusterNetwork naming a confDir file is looked up as a NAD first on every ADD: one GET per watch.
+    server, src = served
+    wait_for(src.ready)
+    nad_path = "/apis/k8s.cni.cncf.io/v1/namespaces/default/network-attachment-definitions/later"
+    wait_for(lambda: any(k == "nads" for k, _ in server.watches))
+    assert src.get_nad("default", "later") is None and src.get_nad("default", "later") is None
+    assert server.gets == [nad_path], "the second miss is answered by the open watch"
+    server.push("nads", "ADDED", nad_obj("later", rv="120"))
+    wait_for(lambda: src.caches["nads"].store.get("default", "later") is not None)
+    assert src.get_nad("default", "later") is not None, "created afterwards: the watch brings it"
+    server.push("nads", "DELETED", nad_obj("later", rv="121"))
+    wait_for(lambda: src.caches["nads"].store.get("default", "later") is None)
+    assert src.get_nad("default", "later") is None and server.gets == [nad_path], "deleted: the watch says so"
+    watches = len(server.watches)
+    server.streams["nads"].put(None)  # the watch ends: what a GET said during it is forgotten
+    wait_for(lambda: len(server.watches) > watches)
+    server.gets.clear()
+    assert src.get_nad("default", "later") is None and server.gets == [nad_path]
+
+
 def test_watch_relists_on_gone_and_resumes_after_disconnects(served: tuple[FakeApiServer, KubeSource]) -> None:
     server, src = served
     wait_for(src.ready)
