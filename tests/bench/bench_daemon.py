@@ -68,14 +68,13 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from tests.bench.bench_delegates import (  # noqa: E402
     CNI_VERSION,
     REFERENCE_PLUGINS,
+    HostResources,
     check_ipam_released,
     check_links,
     check_no_ports,
@@ -287,15 +286,12 @@ class Net:
 
 # --- the benchmark ------------------------------------------------------------------------------------
 
-class Bench:
+class Bench(HostResources):
     def __init__(self, root: Path, max_concurrent: int) -> None:
+        super().__init__("mcbn", "10.234")
         self.root = root
-        self.tag = uuid.uuid4().hex[:6]
         self.node = f"mcbn-node-{self.tag}"
         self.max_concurrent = max_concurrent
-        self._links = 0
-        self._subnets = 0
-        self._ns = 0
         self.nets: list[Net] = []
         self.cluster: Any = None
         self.meta_cni = venv_bin("meta-cni")
@@ -309,47 +305,6 @@ class Bench:
         self.startup: dict[str, Callable[[], float]] = {}
         self.daemon_cases: set[str] = set()
         self.cids: dict[str, str] = {}  # container ID -> case (to find the daemon's own timings)
-
-    # names and host resources
-    def link_name(self) -> str:
-        self._links += 1
-        name = f"mcbn{self.tag}{self._links:02x}"
-        assert len(name) <= 15
-        return name
-
-    def subnet(self) -> str:
-        self._subnets += 1
-        assert self._subnets < 255
-        return f"10.234.{self._subnets}.0/24"
-
-    def master(self) -> str:
-        """A veth pair on the host whose first end is a macvlan master (this kernel has no dummy links)."""
-        a, b = self.link_name(), self.link_name()
-        sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
-        for n in (a, b):
-            sh("ip", "link", "set", n, "up")
-        return a
-
-    def ipam(self, ipam_dir: Path) -> dict[str, Any]:
-        return {"type": "host-local", "subnet": self.subnet(), "dataDir": str(ipam_dir)}
-
-    def netns(self) -> str:
-        self._ns += 1
-        name = f"mcbn-{self.tag}-{self._ns}"
-        sh("ip", "netns", "add", name)
-        return f"/var/run/netns/{name}"
-
-    @staticmethod
-    def del_netns(path: str) -> None:
-        subprocess.run(["ip", "netns", "del", Path(path).name], capture_output=True)
-
-    @contextmanager
-    def fresh_netns(self) -> Iterator[str]:
-        path = self.netns()
-        try:
-            yield path
-        finally:
-            self.del_netns(path)
 
     def annotations(self, namespace: str, names: list[str]) -> dict[str, dict[str, str]]:
         import kubernetes.client
@@ -365,14 +320,7 @@ class Bench:
 
     def cleanup(self) -> None:
         self.daemon.stop()
-        for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
-            name = line.split()[0] if line.split() else ""
-            if name.startswith(f"mcbn-{self.tag}-"):
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        out = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout
-        for link in json.loads(out or "[]"):
-            if link["ifname"].startswith(f"mcbn{self.tag}"):
-                subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
+        self.remove_host_resources()
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None

@@ -150,35 +150,28 @@ def p90(values: list[float]) -> float:
 
 # --- the benchmark ------------------------------------------------------------------------------------
 
-class Bench:
-    def __init__(self, root: Path, delegates: tuple[str, ...]) -> None:
-        self.root = root
+class HostResources:
+    """What one bench run makes on the host, named so that it can all be found and removed: links
+    `<prefix><tag>NN`, network namespaces `<prefix>-<tag>-N`, /24s of `<supernet>.0.0/16`."""
+
+    def __init__(self, prefix: str, supernet: str) -> None:
+        self.prefix = prefix
+        self.supernet = supernet
         self.tag = uuid.uuid4().hex[:6]
-        self.delegates = delegates
-        self.modules: dict[str, ModuleType] = {}
         self._links = 0
         self._subnets = 0
         self._ns = 0
-        self.meta_cni = venv_bin("meta-cni")
-        self.bin_dir = root / "bin"
-        self.bin_dir.mkdir(parents=True)
-        (self.bin_dir / "meta-cni").symlink_to(self.meta_cni)
-        self.cni_path = f"{self.bin_dir}:{REFERENCE_PLUGINS}"
-        # name -> (fn(netns, container_id) -> (ADD s, DEL s)); the order is the report's.
-        self.cases: dict[str, Callable[[str, str], Sample]] = {}
-        self.startup: dict[str, Callable[[], float]] = {}
 
-    # names and host resources
     def link_name(self) -> str:
         self._links += 1
-        name = f"mcbd{self.tag}{self._links:02x}"
+        name = f"{self.prefix}{self.tag}{self._links:02x}"
         assert len(name) <= 15
         return name
 
     def subnet(self) -> str:
         self._subnets += 1
-        assert self._subnets < 256
-        return f"10.235.{self._subnets}.0/24"
+        assert self._subnets < 255
+        return f"{self.supernet}.{self._subnets}.0/24"
 
     def master(self) -> str:
         """A veth pair on the host whose first end is a macvlan master (this kernel has no dummy links)."""
@@ -191,25 +184,52 @@ class Bench:
     def ipam(self, ipam_dir: Path) -> dict[str, Any]:
         return {"type": "host-local", "subnet": self.subnet(), "dataDir": str(ipam_dir)}
 
-    def cleanup(self) -> None:
-        out = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout
-        for link in json.loads(out or "[]"):
-            if link["ifname"].startswith(f"mcbd{self.tag}"):
-                subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
-        for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
-            name = line.split()[0] if line.split() else ""
-            if name.startswith(f"mcbd-{self.tag}-"):
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    def netns(self) -> str:
+        self._ns += 1
+        name = f"{self.prefix}-{self.tag}-{self._ns}"
+        sh("ip", "netns", "add", name)
+        return f"/var/run/netns/{name}"
+
+    @staticmethod
+    def del_netns(path: str) -> None:
+        subprocess.run(["ip", "netns", "del", Path(path).name], capture_output=True)
 
     @contextmanager
     def fresh_netns(self) -> Iterator[str]:
-        self._ns += 1
-        name = f"mcbd-{self.tag}-{self._ns}"
-        sh("ip", "netns", "add", name)
+        path = self.netns()
         try:
-            yield f"/var/run/netns/{name}"
+            yield path
         finally:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            self.del_netns(path)
+
+    def remove_host_resources(self) -> None:
+        for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines():
+            name = line.split()[0] if line.split() else ""
+            if name.startswith(f"{self.prefix}-{self.tag}-"):
+                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        out = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout
+        for link in json.loads(out or "[]"):
+            if link["ifname"].startswith(f"{self.prefix}{self.tag}"):
+                subprocess.run(["ip", "link", "del", link["ifname"]], capture_output=True)
+
+
+class Bench(HostResources):
+    def __init__(self, root: Path, delegates: tuple[str, ...]) -> None:
+        super().__init__("mcbd", "10.235")
+        self.root = root
+        self.delegates = delegates
+        self.modules: dict[str, ModuleType] = {}
+        self.meta_cni = venv_bin("meta-cni")
+        self.bin_dir = root / "bin"
+        self.bin_dir.mkdir(parents=True)
+        (self.bin_dir / "meta-cni").symlink_to(self.meta_cni)
+        self.cni_path = f"{self.bin_dir}:{REFERENCE_PLUGINS}"
+        # name -> (fn(netns, container_id) -> (ADD s, DEL s)); the order is the report's.
+        self.cases: dict[str, Callable[[str, str], Sample]] = {}
+        self.startup: dict[str, Callable[[], float]] = {}
+
+    def cleanup(self) -> None:
+        self.remove_host_resources()
 
     # part 1: one attachment
     def plugin_conf(self, delegate: str, plugin_type: str, ipam_dir: Path, host: str) -> dict[str, Any]:
