@@ -16,6 +16,8 @@ import attrs
 import pytest
 
 if TYPE_CHECKING:
+    import kubernetes.client
+
     from tests.infra.kube_cluster import KubeCluster
 
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
@@ -162,3 +164,11 @@ def kube_cluster() -> Iterator[KubeCluster]:
 
     with KubeCluster(require_kube_apiserver()) as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="module")
+def custom(kube_cluster: KubeCluster) -> kubernetes.client.CustomObjectsApi:
+    """The kubernetes client's API for custom resources (NADs, meta-ipam's objects), as the admin."""
+    import kubernetes.client
+
+    return kubernetes.client.CustomObjectsApi(kube_cluster.api_client())

@@ -23,9 +23,9 @@ from kubernetes.client import ApiException
 from meta import lint
 from tests.deploy.manifests import CRDS, DEPLOY, one
 from tests.infra.kube_cluster import KubeCluster
+from tests.kube.conftest import GROUP, PLURAL, VERSION, nad
 
 METACTL = Path(sys.prefix) / "bin" / "metactl"
-GROUP, VERSION, PLURAL = "k8s.cni.cncf.io", "v1", "network-attachment-definitions"
 HOOK = "network-attachment-definitions.meta-cni.dev"
 SAMPLE_NADS = sorted((DEPLOY.parent / "nads").glob("*.yaml"))
 
@@ -66,16 +66,6 @@ def webhook(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def nad(name: str, namespace: str, config: str) -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": namespace}, "spec": {"config": config}}
-
-
-@pytest.fixture(scope="module")
-def custom(kube_cluster: KubeCluster) -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(kube_cluster.api_client())
 
 
 @pytest.fixture(scope="module")

@@ -21,3 +21,9 @@ def nad_crd(kube_cluster: KubeCluster) -> dict[str, Any]:
     """The NAD CRD, Established, with every other CRD of crds/ applied beside it."""
     (crd,) = [c for c in kube_cluster.apply(CRDS) if c["metadata"]["name"] == f"{PLURAL}.{GROUP}"]
     return crd
+
+
+def nad(name: str, namespace: str, config: str = '{"cniVersion":"1.0.0","type":"bridge"}') -> dict[str, Any]:
+    """A NetworkAttachmentDefinition manifest."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NetworkAttachmentDefinition",
+            "metadata": {"name": name, "namespace": namespace}, "spec": {"config": config}}

@@ -20,7 +20,7 @@ import yaml
 from kubernetes.client import ApiException
 
 from tests.infra.kube_cluster import KubeCluster
-from tests.kube.conftest import CRDS, GROUP, PLURAL, SAMPLE_NADS, SAMPLE_PODS, VERSION
+from tests.kube.conftest import CRDS, GROUP, PLURAL, SAMPLE_NADS, SAMPLE_PODS, VERSION, nad
 
 RESOURCE_NAME = "k8s.v1.cni.cncf.io/resourceName"
 NETWORKS = "k8s.v1.cni.cncf.io/networks"
@@ -32,16 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequ
 
 def load(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
-
-
-def nad(name: str, namespace: str, config: str = '{"cniVersion":"1.0.0","type":"bridge"}') -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NetworkAttachmentDefinition",
-            "metadata": {"name": name, "namespace": namespace}, "spec": {"config": config}}
-
-
-@pytest.fixture(scope="module")
-def custom(kube_cluster: KubeCluster) -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(kube_cluster.api_client())
 
 
 @pytest.fixture(scope="module")
