@@ -26,15 +26,16 @@ def _master(conf: ChildConf, links: nl.Links, kind: str) -> tuple[int, int]:
     name = conf.master or nl.default_route_ifname(ipr)
     if not name:
         raise CNIError(INVALID_CONFIG, f"{kind}: no master given and no default route interface found")
-    idx = nl.index_of(ipr, name)
-    if idx is None:
+    msg = nl.link_by_name(ipr, name)
+    if msg is None:
         raise CNIError(INVALID_CONFIG, f"{kind}: failed to lookup master {name!r}: Link not found")
-    return idx, int(nl.link(ipr, idx).get("mtu"))
+    return int(msg["index"]), int(msg.get("mtu"))
 
 
-def create_link(links: nl.Links, conf: ChildConf, ifname: str, kind: str, extra: dict[str, Any]) -> dict[str, Any]:
+def create_link(links: nl.Links, conf: ChildConf, ifname: str, kind: str,
+                extra: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Create a macvlan/ipvlan child of the master straight in the pod namespace under a temporary name
-    (so it never clashes with host names), rename it to `ifname`; the result interface."""
+    (so it never clashes with host names), rename it to `ifname`; the result interface and its index."""
     master_idx, master_mtu = _master(conf, links, kind)
     if conf.mtu and conf.mtu > master_mtu:
         raise CNIError(INVALID_CONFIG, f"invalid MTU {conf.mtu}, must be [0, master MTU({master_mtu})]")
@@ -56,18 +57,19 @@ def create_link(links: nl.Links, conf: ChildConf, ifname: str, kind: str, extra:
                 os.close(fd)
     except NetlinkError as e:
         raise CNIError(INTERNAL, f"failed to create {kind}: {e.args[1] if len(e.args) > 1 else e}") from None
-    idx = nl.index_of(links.ns, tmp)
-    assert idx is not None
+    msg = nl.link_by_name(links.ns, tmp)
+    assert msg is not None
+    idx = int(msg["index"])
     try:
         links.ns.link("set", index=idx, ifname=ifname)
     except NetlinkError as e:
         links.ns.link("del", index=idx)
         raise CNIError(INTERNAL, f"failed to rename {kind} to {ifname!r}: {e}") from None
-    msg = nl.link(links.ns, idx)
-    return {"name": ifname, "mac": msg.get("address"), "sandbox": links.netns}
+    # A rename keeps the MAC: the message read under the temporary name has it.
+    return {"name": ifname, "mac": msg.get("address"), "sandbox": links.netns}, idx
 
 
-def add_with_ipam(args: PluginArgs, links: nl.Links, iface: dict[str, Any], dns: dict[str, Any],
+def add_with_ipam(args: PluginArgs, links: nl.Links, iface: dict[str, Any], index: int, dns: dict[str, Any],
                   prev_ips: dict[str, Any] | None = None) -> dict[str, Any]:
     """Shared tail of macvlan/ipvlan ADD: IPAM, notify sysctls, addresses and routes; undo on failure.
     `prev_ips` (ipvlan chained without ipam.type): a prevResult whose IPs and routes are configured
@@ -90,14 +92,13 @@ def add_with_ipam(args: PluginArgs, links: nl.Links, iface: dict[str, Any], dns:
                     # Gratuitous ARP / unsolicited NA when the address comes up, as the reference sets.
                     nl.sysctl(f"net/ipv4/conf/{args.ifname}/arp_notify", "1")
                     nl._try_sysctl(f"net/ipv6/conf/{args.ifname}/ndisc_notify", "1")
-                nl.configure_iface(links, args.ifname, result, 0)
+                nl.configure_iface(links, args.ifname, result, 0, link_index=index)
             except BaseException:
                 if args.ipam_type:
                     ipam_del(args)
                 raise
         else:
-            idx = nl.index_of(links.ns, args.ifname)
-            links.ns.link("set", index=idx, state="up")
+            links.ns.link("set", index=index, state="up")
     except BaseException:
         nl.delete_in_netns(args.netns, args.ifname)
         raise

@@ -62,14 +62,20 @@ class Links:
         self.close()
 
 
-def index_of(ipr: IPRoute, name: str) -> int | None:
-    # A targeted RTM_GETLINK by name: link_lookup() would dump and filter every link of the namespace.
+def link_by_name(ipr: IPRoute, name: str) -> Any | None:
+    """The link message of `name`, or None: one RTM_GETLINK by name (link_lookup() would dump and filter
+    every link of the namespace)."""
     try:
-        return int(ipr.link("get", ifname=name)[0]["index"])
+        return ipr.link("get", ifname=name)[0]
     except NetlinkError as e:
-        if e.code == errno.ENODEV:
+        if e.code in (errno.ENODEV, errno.ENOENT):
             return None
         raise
+
+
+def index_of(ipr: IPRoute, name: str) -> int | None:
+    msg = link_by_name(ipr, name)
+    return None if msg is None else int(msg["index"])
 
 
 def link(ipr: IPRoute, index: int) -> Any:
@@ -112,11 +118,13 @@ def ensure_no_link(ipr: IPRoute, name: str, netns: str) -> None:
         raise CNIError(INTERNAL, f"container interface {name!r} already exists in {netns}")
 
 
-def configure_iface(links: Links, ifname: str, result: dict[str, Any], iface_index: int, settle: bool = True) -> None:
+def configure_iface(links: Links, ifname: str, result: dict[str, Any], iface_index: int, settle: bool = True,
+                    link_index: int | None = None) -> None:
     """The reference pkg/ipam ConfigureIface: the result's addresses for `iface_index` on `ifname`, link up,
-    wait for IPv6 DAD (when `settle`), then the routes (a route without gw goes via the IP's gateway)."""
+    wait for IPv6 DAD (when `settle`), then the routes (a route without gw goes via the IP's gateway).
+    `link_index`: the link's index when the caller has it already (each netlink request costs ~0.8 ms)."""
     ns = links.ns
-    idx = index_of(ns, ifname)
+    idx = link_index if link_index is not None else index_of(ns, ifname)
     if idx is None:
         raise CNIError(INTERNAL, f"failed to find interface {ifname!r} in {links.netns}")
     ips = [ip for ip in result.get("ips", []) if ip.get("interface") in (None, iface_index)]

@@ -52,6 +52,7 @@ from meta.cni.errors import INTERNAL, CNIError
 from meta.netns import NetnsGone, entered, open_netns
 
 from . import _netlink as nl
+from ._netlink import link_by_name
 from ._plugin import PluginArgs, ipam_add, ipam_check, ipam_del, status_via_ipam
 
 DEFAULT_BRIDGE = "cni0"
@@ -235,16 +236,6 @@ def dns_set(dns: dict[str, Any]) -> bool:
 
 
 # --- links --------------------------------------------------------------------------------------------------
-
-
-def link_by_name(ipr: IPRoute, name: str) -> Any | None:
-    """The link message of `name`, or None (one RTM_GETLINK, no dump)."""
-    try:
-        return ipr.link("get", ifname=name)[0]
-    except NetlinkError as e:
-        if e.code in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise
 
 
 def _bridge_by_name(ipr: IPRoute, name: str) -> Any:
@@ -771,8 +762,7 @@ def cmd_add(args: PluginArgs) -> dict[str, Any]:
         br = ensure_bridge(host, conf)
         br_mac = str(br.get("address"))
         _netns_check(args.netns)
-        if link_by_name(links.ns, args.ifname) is not None:
-            raise _fail(f"container veth name provided ({args.ifname}) already exists")
+        # An existing container interface of that name fails the veth creation (EEXIST), as in the reference.
         fd = open_netns(args.netns)
         try:
             host_name, host_msg = make_veth(host, args.ifname, conf.mtu, conf.mac, fd, br["index"])
@@ -833,7 +823,7 @@ def _add_rest(args: PluginArgs, conf: Conf, links: nl.Links, br: Any, br_mac: st
             nl._try_sysctl(f"net/ipv4/conf/{args.ifname}/arp_notify", "1")
         # As the reference's ConfigureIface: wait for DAD only when there is an IPv6 gateway.
         settle = any(ip.get("gateway") and ":" in ip["address"] for ip in result["ips"])
-        nl.configure_iface(links, args.ifname, result, 2, settle=settle)
+        nl.configure_iface(links, args.ifname, result, 2, settle=settle, link_index=int(cont["index"]))
 
         if conf.is_gateway:
             vlan_iface = None

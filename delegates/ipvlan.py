@@ -75,8 +75,8 @@ def cmd_add(args: PluginArgs) -> dict[str, Any]:
     with nl.Links(args.netns) as links:
         # txqlen 0 as the reference's: vishvananda/netlink sends its zero-valued LinkAttrs.TxQLen (the kernel
         # default would be 1000)
-        iface = create_link(links, conf, args.ifname, "ipvlan", {"ipvlan_mode": MODES[conf.mode], "txqlen": 0})
-        return add_with_ipam(args, links, iface, conf.dns, prev_ips=prev_ips)
+        iface, index = create_link(links, conf, args.ifname, "ipvlan", {"ipvlan_mode": MODES[conf.mode], "txqlen": 0})
+        return add_with_ipam(args, links, iface, index, conf.dns, prev_ips=prev_ips)
 
 
 cmd_del = delete_child

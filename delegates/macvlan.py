@@ -48,8 +48,8 @@ def cmd_add(args: PluginArgs) -> dict[str, Any]:
     conf = load_conf(args)
     with nl.Links(args.netns) as links:
         # txqlen 0 as the reference's (vishvananda/netlink sends its zero-valued LinkAttrs.TxQLen).
-        iface = create_link(links, conf, args.ifname, "macvlan", {"macvlan_mode": conf.mode, "txqlen": 0})
-        return add_with_ipam(args, links, iface, conf.dns)
+        iface, index = create_link(links, conf, args.ifname, "macvlan", {"macvlan_mode": conf.mode, "txqlen": 0})
+        return add_with_ipam(args, links, iface, index, conf.dns)
 
 
 cmd_del = delete_child
