@@ -2,8 +2,10 @@
 CNI executable (`meta-bridge`, `meta-macvlan`, `meta-ipvlan`).
 
 A delegate module provides `cmd_add(args) -> result`, `cmd_del(args)`, `cmd_check(args)` and
-`cmd_status(args)`; results are in the current (1.1.0) shape and converted to the config's version by
-whoever prints them (the standalone main, or meta-cni's built-in invoker).
+`cmd_status(args)`, and `cmd_gc(args)` when it has something to collect (without one, GC succeeds doing
+nothing, as skel answers for the reference plugins that leave GC unimplemented); results are in the current
+(1.1.0) shape and converted to the config's version by whoever prints them (the standalone main, or
+meta-cni's built-in invoker).
 """
 from __future__ import annotations
 
@@ -98,14 +100,26 @@ def ipam_status(args: PluginArgs) -> None:
     _ipam(args, "STATUS")
 
 
+def ipam_gc(args: PluginArgs) -> None:
+    _ipam(args, "GC")
+
+
 def status_via_ipam(args: PluginArgs) -> None:
     """STATUS of a plugin whose readiness is its IPAM's, as the reference bridge, macvlan and ipvlan."""
     if args.ipam_type:
         ipam_status(args)
 
 
+def gc_via_ipam(args: PluginArgs) -> None:
+    """GC of a plugin whose only per-attachment state outside the pod's namespace is its IPAM's: the spec
+    says GC must reach delegates, and the IPAM's reservations are what leaks when DEL never came. The IPAM
+    gets the same config, `cni.dev/valid-attachments` included."""
+    if args.ipam_type:
+        ipam_gc(args)
+
+
 def dispatch(module: ModuleType, args: PluginArgs) -> dict[str, Any] | None:
-    """Run one command of a delegate module; GC has nothing of ours to collect (IPAM GC is the runtime's)."""
+    """Run one command of a delegate module."""
     if args.command == "ADD":
         return module.cmd_add(args)  # type: ignore[no-any-return]
     if args.command == "DEL":
@@ -118,7 +132,13 @@ def dispatch(module: ModuleType, args: PluginArgs) -> dict[str, Any] | None:
         if not cniversion.at_least(args.cni_version, "1.1.0"):
             raise CNIError(1, f"config version {args.cni_version} does not allow STATUS")
         module.cmd_status(args)
-    elif args.command != "GC":
+    elif args.command == "GC":
+        if not cniversion.at_least(args.cni_version, "1.1.0"):
+            raise CNIError(1, f"config version {args.cni_version} does not allow GC")
+        gc = getattr(module, "cmd_gc", None)
+        if gc is not None:
+            gc(args)
+    else:
         raise CNIError(4, f"unknown CNI_COMMAND: {args.command}")
     return None
 

@@ -53,7 +53,7 @@ from meta.netns import NetnsGone, entered, open_netns
 
 from . import _netlink as nl
 from ._netlink import link_by_name
-from ._plugin import PluginArgs, ipam_add, ipam_check, ipam_del, status_via_ipam
+from ._plugin import PluginArgs, gc_via_ipam, ipam_add, ipam_check, ipam_del, status_via_ipam
 
 DEFAULT_BRIDGE = "cni0"
 OPER_UP_WAITS_MS = (0, 50, 500, 1000, 1000)  # the reference's bridge-port state polling
@@ -1008,6 +1008,7 @@ def cmd_check(args: PluginArgs) -> None:
 
 
 cmd_status = status_via_ipam
+cmd_gc = gc_via_ipam
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from meta.cni.errors import INTERNAL, INVALID_CONFIG, CNIError
 
 from . import _netlink as nl
 from ._child import add_with_ipam, check_link, create_link, delete_child
-from ._plugin import PluginArgs, require, status_via_ipam
+from ._plugin import PluginArgs, gc_via_ipam, require, status_via_ipam
 
 # IFLA_IPVLAN_MODE values (linux/if_link.h: IPVLAN_MODE_L2, _L3, _L3S).
 MODES = {"l2": 0, "l3": 1, "l3s": 2}
@@ -93,6 +93,7 @@ def cmd_check(args: PluginArgs) -> None:
 
 
 cmd_status = status_via_ipam
+cmd_gc = gc_via_ipam
 
 
 def main() -> int:

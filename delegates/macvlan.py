@@ -17,7 +17,7 @@ import attrs
 
 from . import _netlink as nl
 from ._child import add_with_ipam, check_link, create_link, delete_child
-from ._plugin import PluginArgs, require, status_via_ipam
+from ._plugin import PluginArgs, gc_via_ipam, require, status_via_ipam
 
 MODES = ("bridge", "private", "vepa", "passthru")
 
@@ -61,6 +61,7 @@ def cmd_check(args: PluginArgs) -> None:
 
 
 cmd_status = status_via_ipam
+cmd_gc = gc_via_ipam
 
 
 def main() -> int:

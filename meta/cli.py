@@ -38,7 +38,7 @@ def _daemon(args: argparse.Namespace) -> int:
         socket=Path(args.socket), metrics_address=args.metrics_address or None, kubeconfig=args.kubeconfig,
         node_name=args.node_name or os.environ.get("NODE_NAME") or None, max_concurrent=args.max_concurrent,
         max_wait=args.max_wait, cni_dirs=tuple(args.cni_dir or app.Options().cni_dirs),
-        replay_interval=args.replay_interval, api_timeout=args.api_timeout,
+        replay_interval=args.replay_interval, api_timeout=args.api_timeout, ipam_gc_interval=args.ipam_gc_interval,
     )
     return app.run(opts, args.log_level)
 
@@ -88,11 +88,11 @@ def _ipam(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
+def _positive(kind: type, *, zero_ok: bool = False) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        if value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"must be {'0 or more' if zero_ok else 'greater than 0'}, got {text}")
         return value
 
     return parse
@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--replay-interval", type=_positive(float), default=30.0,
                     help="seconds between retries of spooled DELs that failed (default 30)")
     dm.add_argument("--api-timeout", type=_positive(float), help="budget of one API call (default: the config's apiTimeout)")
+    dm.add_argument("--ipam-gc-interval", type=_positive(float, zero_ok=True), default=60.0,
+                    help="seconds between rounds of meta-ipam's garbage collector, which frees this node's addresses "
+                         "whose pod is gone (needs the daemon's own API credentials; 0 turns it off; default 60)")
     dm.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     dm.set_defaults(func=_daemon)
     ins = sub.add_parser("install", help="install the meta-cni shim and its config on the node (DaemonSet init container)")

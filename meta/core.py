@@ -415,18 +415,10 @@ def cmd_status(ctx: Context) -> None:
     return None
 
 
-def _valid_attachments(config: dict[str, Any]) -> set[tuple[str, str]]:
-    raw = config.get(chain.VALID_ATTACHMENTS, config.get(chain.VALID_ATTACHMENTS_OLD, []))
-    if not isinstance(raw, list) or not all(isinstance(v, dict) and isinstance(v.get("containerID"), str)
-                                            and isinstance(v.get("ifname"), str) for v in raw):
-        raise CNIError(INVALID_CONFIG, f"{chain.VALID_ATTACHMENTS} must be a list of {{containerID, ifname}} objects")
-    return {(v["containerID"], v["ifname"]) for v in raw}
-
-
 def cmd_gc(ctx: Context) -> None:
     if not cniversion.at_least(ctx.req.cni_version, "1.1.0"):
         raise CNIError(INCOMPATIBLE_VERSION, f"config version {ctx.req.cni_version} does not allow GC")
-    valid = _valid_attachments(ctx.req.config)
+    valid = cnirequest.valid_attachments(ctx.req.config)
     errors: list[CNIError] = []
     # Delegate network (by exact config) -> (an attachment of it, its still-valid attachments).
     delegates: dict[str, tuple[plan.Attachment, list[dict[str, str]]]] = {}
@@ -456,9 +448,16 @@ def cmd_gc(ctx: Context) -> None:
             delegates.setdefault(key(att), (att, []))
     except CNIError as e:
         errors.append(e)
-    base = ctx.invocation("GC", netns="")
+    # A plugin reads the list as every attachment of its network (by name) still in use; configs of one name
+    # differ when a NAD was edited after some of its attachments were made. Each gets the union, or GC of
+    # the old config would free what the new one holds (meta-ipam collects by network name).
+    by_name: dict[str, list[dict[str, str]]] = {}
     for att, entries in delegates.values():
-        errors.extend(chain.gc(attrs.evolve(att, ifname=""), ctx.invoker, base, entries))
+        union = by_name.setdefault(att.network.name, [])
+        union.extend(e for e in entries if e not in union)
+    base = ctx.invocation("GC", netns="")
+    for att, _ in delegates.values():
+        errors.extend(chain.gc(attrs.evolve(att, ifname=""), ctx.invoker, base, by_name[att.network.name]))
     if errors:
         raise _combined(errors, "GC")
     return None

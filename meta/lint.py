@@ -15,6 +15,7 @@ import attrs
 from . import nad, plan, schema, selection
 from .cni.errors import CNIError
 from .cni.version import CURRENT
+from .ipam import config as ipamconfig
 from .sources import manifests
 
 
@@ -49,18 +50,65 @@ def _ipam_problems(ipam: dict[str, Any]) -> list[str]:
     return out
 
 
+META_IPAM = "meta-ipam"
+
+
+def _meta_ipam_problems(ipam: dict[str, Any], network: str) -> list[str]:
+    """What meta-ipam's ADD would refuse in its config (code 7): the schema, then the parse (ranges,
+    gateways, routes, block sizes), each naming the field."""
+    found = schema.problems("ipam", {"ipam": ipam})
+    if found:
+        return found
+    try:
+        ipamconfig.parse(ipam, network)
+    except ipamconfig.ConfigError as e:
+        return [str(e)]
+    return []
+
+
+def _plugin_label(net: nad.NetworkConfig, i: int) -> str:
+    return f"plugins[{i}] ({net.plugins[i]['type']})" if len(net.plugins) > 1 else str(net.plugins[i]["type"])
+
+
 def delegate_problems(net: nad.NetworkConfig) -> list[str]:
     """Sanity of each plugin of a delegate network (known types only)."""
     out = []
-    many = len(net.plugins) > 1
     for i, plugin in enumerate(net.plugins):
-        prefix = f"plugins[{i}] ({plugin['type']})" if many else plugin["type"]
+        prefix = _plugin_label(net, i)
         out += [f"{prefix}: {p}" for p in schema.plugin_problems(plugin["type"], plugin)]
         ipam = plugin.get("ipam")
         if isinstance(ipam, dict) and ipam.get("type"):
             out += [f"{prefix}: ipam: {p}" for p in schema.plugin_problems(ipam["type"], ipam)]
             if ipam["type"] == "host-local":
                 out += [f"{prefix}: {p}" for p in _ipam_problems(ipam)]
+            elif ipam["type"] == META_IPAM:
+                out += [f"{prefix}: {p}" for p in _meta_ipam_problems(ipam, net.name)]
+    return out
+
+
+def _meta_ipam_pools(net: nad.NetworkConfig) -> list[tuple[str, ipamconfig.PoolSpec]]:
+    """The meta-ipam pools a valid network uses, with the plugin they are configured in."""
+    out = []
+    for i, plugin in enumerate(net.plugins):
+        ipam = plugin.get("ipam")
+        if isinstance(ipam, dict) and ipam.get("type") == META_IPAM and not _meta_ipam_problems(ipam, net.name):
+            out.append((_plugin_label(net, i), ipamconfig.parse(ipam, net.name).pool))
+    return out
+
+
+def pool_disagreements(nads: dict[str, nad.NetworkConfig | None]) -> list[tuple[str, str]]:
+    """(NAD ref, problem) for each NAD whose meta-ipam pool (network_name) is shared with an earlier NAD
+    that gives it other ranges or block sizes: the ADD of the later one would be refused (code 7)."""
+    first: dict[str, tuple[str, ipamconfig.PoolSpec]] = {}
+    out = []
+    for ref, net in nads.items():
+        for label, pool in _meta_ipam_pools(net) if net is not None else []:
+            seen = first.setdefault(pool.network_name, (ref, pool))
+            if seen[0] != ref and not pool.agrees_with(seen[1].data()):
+                out.append((ref, f"{label}: ipam.network_name: pool {pool.network_name!r} is also used by "
+                                 f"NetworkAttachmentDefinition {seen[0]} with ranges {seen[1].data()['ranges']}; "
+                                 f"this one has {pool.data()['ranges']}: NADs sharing a pool need the same "
+                                 f"ranges and block_size"))
     return out
 
 
@@ -92,6 +140,7 @@ def validate(paths: Iterable[Path], conf_dir: Path | None = None) -> tuple[list[
         files += manifests.ManifestsSource(str(p)).files() if p.is_dir() else [p]
     problems: list[Problem] = []
     nads: dict[str, nad.NetworkConfig | None] = {}
+    files_of: dict[str, str] = {}
     pods: list[tuple[str, dict[str, Any]]] = []
     count = 0
     for f in files:
@@ -105,10 +154,12 @@ def validate(paths: Iterable[Path], conf_dir: Path | None = None) -> tuple[list[
                 ref = _ref(obj)
                 net, found = nad_problems(obj, conf_dir)
                 nads[ref.split(" ", 1)[1]] = net
+                files_of[ref.split(" ", 1)[1]] = str(f)
                 problems += [Problem(str(f), ref, p) for p in found]
             elif kind == "Pod":
                 count += 1
                 pods.append((str(f), obj))
+    problems += [Problem(files_of[ref], f"NetworkAttachmentDefinition {ref}", m) for ref, m in pool_disagreements(nads)]
     for f, obj in pods:
         problems += [Problem(f, _ref(obj), m) for m in _pod_problems(obj, nads)]
     return problems, count

@@ -21,6 +21,10 @@ _REQUIRED = {
     "GC": ("CNI_PATH",),
     "STATUS": (),
 }
+# The GC config key listing the attachments still in use (spec 1.1.0 §GC); the spec-v1.1.0 tag named it
+# `cni.dev/attachments`, and libcni v1.3 sends both.
+VALID_ATTACHMENTS = "cni.dev/valid-attachments"
+VALID_ATTACHMENTS_OLD = "cni.dev/attachments"
 # Container IDs and network names: libcni's pkg/utils ValidateContainerID / ValidateNetworkName.
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*\Z")
 
@@ -124,3 +128,13 @@ def decode_config(stdin: bytes) -> dict[str, Any]:
     config = dict(config)
     config["cniVersion"] = ver
     return config
+
+
+def valid_attachments(config: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """The (containerID, ifname) pairs a GC config says are still in use; error 7 when the list is malformed
+    (collecting garbage on a list read wrongly would delete attachments that are in use)."""
+    raw = config.get(VALID_ATTACHMENTS, config.get(VALID_ATTACHMENTS_OLD, []))
+    if not isinstance(raw, list) or not all(isinstance(v, dict) and isinstance(v.get("containerID"), str)
+                                            and isinstance(v.get("ifname"), str) for v in raw):
+        raise CNIError(INVALID_CONFIG, f"{VALID_ATTACHMENTS} must be a list of {{containerID, ifname}} objects")
+    return {(v["containerID"], v["ifname"]) for v in raw}

@@ -3,8 +3,10 @@
 Start-up: the CNI socket and the metrics listener come up first (a DEL can be served at once, and kubelet's
 probes see a live process), the Kubernetes watches start, then one pass replays the DELs spooled while the
 daemon was down; only after that pass are ADD, CHECK and GC served. Then a pass runs every
-`replay_interval` seconds. SIGTERM/SIGINT: /readyz turns 503, no new connection is accepted, in-flight
-requests finish, the watches are closed.
+`replay_interval` seconds. With API credentials of its own (--kubeconfig, or in a pod) the daemon also runs
+meta-ipam's garbage collector in a thread of its own (ipamgc.py), every `ipam_gc_interval` seconds (0: off).
+SIGTERM/SIGINT: /readyz turns 503, no new connection is accepted, in-flight requests finish, the watches are
+closed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from types import FrameType
 import attrs
 
 from .. import config as metaconfig
-from . import logs
+from ..ipam import config as ipamconfig
+from . import ipamgc, logs
 from .dispatch import Dispatcher
 from .metrics import CONTENT_TYPE, Metrics
 from .replay import Replayer
@@ -27,6 +30,7 @@ from .sources import DaemonSources
 log = logging.getLogger("meta-cni.daemon")
 DEFAULT_SOCKET = "/run/meta-cni/daemon.sock"
 DEFAULT_METRICS = "127.0.0.1:9095"
+DEFAULT_API_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -41,6 +45,7 @@ class Options:
     replay_interval: float = 30.0
     api_timeout: float | None = None
     in_cluster: bool | None = None
+    ipam_gc_interval: float = ipamgc.DEFAULT_INTERVAL
 
 
 class Daemon:
@@ -56,6 +61,14 @@ class Daemon:
         self.tcp = TCPListener(opts.metrics_address, endpoints) if opts.metrics_address else None
         self.metrics.observe_state(self.replayer.count, self.sources.cache_ages, lambda: not self.not_ready())
         self.maintenance: threading.Thread | None = None
+        self.ipam_gc: ipamgc.IpamCollector | None = None
+        if opts.ipam_gc_interval > 0 and self.sources.daemon_wide:
+            # Without credentials of its own the daemon cannot list every pool's blocks or ask about pods.
+            timeout = opts.api_timeout or DEFAULT_API_TIMEOUT
+            self.ipam_gc = ipamgc.IpamCollector(
+                ipamconfig.node_name(opts.node_name), lambda: ipamgc.cluster_store(opts.kubeconfig, timeout),
+                lambda: self.sources.watching(self.sources.kubeconfig), self.metrics)
+        self.ipam_gc_thread: threading.Thread | None = None
 
     def not_ready(self) -> list[str]:
         """Why /readyz is not 200 (empty when ready)."""
@@ -79,6 +92,11 @@ class Daemon:
         self.sources.start()
         self.maintenance = threading.Thread(target=self._maintain, name="maintenance", daemon=True)
         self.maintenance.start()
+        if self.ipam_gc is not None:
+            collector = self.ipam_gc
+            self.ipam_gc_thread = threading.Thread(
+                target=lambda: collector.run(self.stopping, self.opts.ipam_gc_interval), name="ipam-gc", daemon=True)
+            self.ipam_gc_thread.start()
 
     def _maintain(self) -> None:
         warm_up()
@@ -98,6 +116,8 @@ class Daemon:
             self.tcp.close()
         if self.maintenance is not None:
             self.maintenance.join()  # a replay in progress finishes like any other request
+        if self.ipam_gc_thread is not None:
+            self.ipam_gc_thread.join()  # a round's API calls are bounded by the API timeout
         self.sources.close()
         log.info("stopped")
 

@@ -8,6 +8,9 @@
     meta_cni_pending_del_replays_total{result}              replay attempts
     meta_cni_source_cache_age_seconds{source,cache}         age of each watch cache (time since last event/sync)
     meta_cni_ready                                          1 when /readyz answers 200
+    meta_cni_ipam_gc_rounds_total{result}                   meta-ipam GC rounds: ok, api-unreadable, error
+    meta_cni_ipam_gc_freed_addresses_total                  addresses the meta-ipam GC freed (pods gone)
+    meta_cni_ipam_gc_last_success_timestamp_seconds         when the last round that could judge every pod ended
 plus the client library's process and Python runtime collectors.
 """
 from __future__ import annotations
@@ -73,6 +76,14 @@ class Metrics:
         self.waiting = Gauge("meta_cni_requests_waiting", "CNI requests waiting for a free slot.", registry=r)
         self.replays = Counter("meta_cni_pending_del_replays", "Replays of spooled DEL requests, by result.",
                                ["result"], registry=r)
+        self.ipam_gc_rounds = Counter("meta_cni_ipam_gc_rounds", "meta-ipam garbage collection rounds, by result "
+                                      "(ok; api-unreadable: nothing freed; error).", ["result"], registry=r)
+        self.ipam_gc_freed = Counter("meta_cni_ipam_gc_freed_addresses",
+                                     "Addresses the meta-ipam garbage collector freed because their pod is gone.",
+                                     registry=r)
+        self.ipam_gc_last_success = Gauge("meta_cni_ipam_gc_last_success_timestamp_seconds",
+                                          "Unix time the last successful meta-ipam garbage collection round ended.",
+                                          registry=r)
 
     def observe_state(self, pending: Callable[[], int], ages: Callable[[], dict[str, dict[str, float]]],
                       ready: Callable[[], bool]) -> None:

@@ -17,11 +17,9 @@ from ..cni import args as cniargs
 from ..cni import result as cniresult
 from ..cni import version as cniversion
 from ..cni.errors import DECODE_FAILURE, CNIError
+from ..cni.request import VALID_ATTACHMENTS, VALID_ATTACHMENTS_OLD
 from ..plan import Attachment
 from . import Invocation, Invoker
-
-VALID_ATTACHMENTS = "cni.dev/valid-attachments"
-VALID_ATTACHMENTS_OLD = "cni.dev/attachments"  # the spec-v1.1.0 tag's name; libcni v1.3 sends both
 
 
 def plugin_request(att: Attachment, plugin: dict[str, Any], prev: dict[str, Any] | None,

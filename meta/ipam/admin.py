@@ -71,10 +71,11 @@ def allocations(store: Store, name: str | None = None) -> str:
         for obj, ip, e in owner_entries(store.list(BLOCK, pool)):
             kind = "static" if e.get("static") else (f"claim {e['claim']}" if e.get("claim") else "dynamic")
             pod = f"{e.get('podNamespace')}/{e.get('podName')}" if e.get("podName") else "-"
-            rows.append([pool, ip, obj.data.get("cidr"), e.get("node") or "-", pod, e.get("podUID") or "-",
-                         str(e.get("containerID"))[:12], e.get("ifname"), kind,
+            rows.append([pool, ip, obj.data.get("cidr"), e.get("node") or "-", e.get("network") or "-", pod,
+                         e.get("podUID") or "-", str(e.get("containerID"))[:12], e.get("ifname"), kind,
                          "released" if e.get("released") else "held"])
-    return table(["POOL", "ADDRESS", "BLOCK", "NODE", "POD", "UID", "CONTAINER", "IFNAME", "KIND", "STATE"], rows)
+    return table(["POOL", "ADDRESS", "BLOCK", "NODE", "NETWORK", "POD", "UID", "CONTAINER", "IFNAME", "KIND", "STATE"],
+                 rows)
 
 
 def release(store: Store, pool: str, ip_text: str) -> str:

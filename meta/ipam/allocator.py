@@ -24,13 +24,14 @@ import ipaddress
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 
 from meta.cni.errors import INTERNAL, INVALID_CONFIG, TRY_AGAIN_LATER, CNIError
 
+from . import collect
 from .config import Owner, PoolSpec, describe
 from .ranges import (Address, Range, address, block_cidr, block_name, block_size, block_slots, block_start,
                      dynamic_block_starts, dynamic_in_block, pool_object_name)
@@ -232,6 +233,40 @@ class Allocator:
                     if self._write(call, network_name, obj.name, obj, drop):
                         return gone[-1]
             return None
+
+    def free(self, network_name: str, targets: Sequence[collect.Held], known: Mapping[str, Versioned] | None = None,
+             on_freed: Callable[[collect.Held], None] | None = None) -> list[collect.Held]:
+        """Garbage collection: remove each target's allocation while it is still exactly that allocation
+        (collect.drop), one write per block; a lost race re-reads the block and decides again, so an entry
+        that changed hands meanwhile stays. `known`: blocks as the collector read them (spares a GET each).
+        `on_freed` hears of each target as soon as its block is written (so what was freed before a later
+        block failed is still reported). The targets freed."""
+        with self._pool_lock(network_name):
+            call = _Call(self)
+            out: list[collect.Held] = []
+            by_block: dict[str, list[collect.Held]] = {}
+            for t in targets:
+                by_block.setdefault(t.block, []).append(t)
+            try:
+                for name, mine in sorted(by_block.items()):
+                    obj = (known or {}).get(name)
+                    if obj is None:
+                        obj = self._get(call, network_name, name)
+                    freed: list[collect.Held] = []
+
+                    def decide(data: dict[str, Any] | None, mine: list[collect.Held] = mine,
+                               freed: list[collect.Held] = freed) -> Decision:
+                        freed[:] = collect.drop(data, mine) if data is not None else []
+                        return (data, _ip(freed[0].ip)) if data is not None and freed else None
+
+                    if obj is not None and self._write(call, network_name, name, obj, decide):
+                        out += freed
+                        if on_freed is not None:
+                            for t in freed:
+                                on_freed(t)
+            except Unavailable as e:
+                raise _fail(network_name, f"store unavailable: {e}", TRY_AGAIN_LATER) from None
+            return out
 
     def forget(self) -> None:
         """Drop the caches (tests; or after the store was changed behind our back)."""
@@ -584,7 +619,7 @@ class Allocator:
                 for ip, e in list(data["allocations"].items()):
                     if owner.owns(e):
                         if e.get("claim"):
-                            e["released"] = True  # kept for the claim until GC frees it
+                            e["released"] = True  # kept for the claim (its next ADD, or metactl ipam release)
                         else:
                             del data["allocations"][ip]
                         freed.append(_ip(ip))

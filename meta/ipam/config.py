@@ -18,7 +18,9 @@ IPAM fields (the `ipam` object of the plugin config; names follow Whereabouts wh
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -86,21 +88,31 @@ class IpamConf:
     api_timeout: float = DEFAULT_API_TIMEOUT
 
 
+def node_name(explicit: str | None = None) -> str:
+    """The node allocations are recorded for: `explicit` (the ipam config's nodeName, the daemon's
+    --node-name), else $NODE_NAME, else the host name. The plugin and the daemon's garbage collector must
+    agree on it, or the collector would never see this node's allocations."""
+    return explicit or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
 @attrs.frozen
 class Owner:
-    """Who holds an address: the attachment (container ID + interface) and, for people and GC, the pod."""
+    """Who holds an address: the attachment (container ID + interface) and, for people and GC, the pod and
+    the CNI network the address was asked for (`network`: two networks may share one pool through
+    network_name, and CNI GC of one must not free the other's addresses)."""
 
     container_id: str
     ifname: str
     pod_namespace: str = ""
     pod_name: str = ""
     pod_uid: str = ""
+    network: str = ""
 
     def entry(self, node: str, *, static: bool = False, claim: str | None = None) -> dict[str, Any]:
         """The allocation record, written in the same store write that reserves the address."""
         return {"containerID": self.container_id, "ifname": self.ifname, "podNamespace": self.pod_namespace,
-                "podName": self.pod_name, "podUID": self.pod_uid, "node": node, "static": static,
-                "claim": claim, "released": False}
+                "podName": self.pod_name, "podUID": self.pod_uid, "network": self.network, "node": node,
+                "static": static, "claim": claim, "released": False}
 
     def owns(self, entry: Mapping[str, Any]) -> bool:
         return (entry.get("containerID") == self.container_id and entry.get("ifname") == self.ifname
@@ -301,13 +313,13 @@ def _static_texts(cni_args: cniargs.Pairs, runtime_config: Mapping[str, Any],
     return out
 
 
-def parse_request(*, container_id: str, ifname: str, cni_args: cniargs.Pairs, runtime_config: Mapping[str, Any],
-                  args_cni: Mapping[str, Any], sticky: bool) -> Request:
+def parse_request(*, container_id: str, ifname: str, network: str, cni_args: cniargs.Pairs,
+                  runtime_config: Mapping[str, Any], args_cni: Mapping[str, Any], sticky: bool) -> Request:
     """Who asks (the owner recorded with the address), which static addresses, and which sticky claim."""
     owner = Owner(container_id=container_id, ifname=ifname,
                   pod_namespace=cniargs.get(cni_args, cniargs.POD_NAMESPACE) or "",
                   pod_name=cniargs.get(cni_args, cniargs.POD_NAME) or "",
-                  pod_uid=cniargs.get(cni_args, cniargs.POD_UID) or "")
+                  pod_uid=cniargs.get(cni_args, cniargs.POD_UID) or "", network=network)
     static: list[Address] = []
     for where, text in _static_texts(cni_args, runtime_config, args_cni):
         # A prefix length may come with the address (the `ips` capability carries CIDRs); the range's wins.

@@ -54,12 +54,16 @@ NODE_LABEL = f"{GROUP}/node"
 
 # Seconds one store operation may take, retries included, before Unavailable (meta-cni's apiTimeout default).
 DEFAULT_TIMEOUT = 10.0
-# Page size of list calls: bounds one answer (a full /26 block is ~22 KB, so a page stays under ~6 MB).
+# Page size of list calls: bounds one answer (a full /26 block is ~24 KB, so a page stays under ~6 MB).
 LIST_PAGE = 250
 
 _LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 _LABEL_MAX = 63
 _HASH_LEN = 16
+
+
+class NotInstalled(CNIError):
+    """The API server has no meta-ipam CRDs (code 7 for a plugin; a cluster without meta-ipam to a collector)."""
 
 
 @attrs.frozen
@@ -341,8 +345,8 @@ class KubeStore:
             self.conflicts += 1
 
     def _not_installed(self, res: Resource, action: Action) -> CNIError:
-        return CNIError(INVALID_CONFIG, f"Kubernetes API {self.api.host} has no {res.rbac} (to {action.describe()}): "
-                        f"install the meta-ipam CustomResourceDefinitions ({CRD_FILE})")
+        return NotInstalled(INVALID_CONFIG, f"Kubernetes API {self.api.host} has no {res.rbac} "
+                            f"(to {action.describe()}): install the meta-ipam CustomResourceDefinitions ({CRD_FILE})")
 
     def _versioned(self, kind: str, obj: Any, action: Action) -> Versioned:
         meta = obj.get("metadata") if isinstance(obj, dict) else None

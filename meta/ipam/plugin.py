@@ -3,10 +3,11 @@
 ADD allocates one address per range (see config.py for the fields) and answers with gateways, routes and DNS;
 DEL frees exactly this attachment's addresses (CNI_CONTAINERID + CNI_IFNAME), succeeding when there are none;
 CHECK verifies the attachment still holds an address in every range (and every prevResult address); STATUS
-checks that the store answers. The owner recorded with every address is the attachment plus the pod from
-CNI_ARGS (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID). Static addresses come from runtimeConfig.ips (the
-`ips` capability), args.cni.ips and CNI_ARGS IP=; a sticky claim from args.cni.ipam-claim-reference, or,
-with `sticky: true`, a StatefulSet pod's name.
+checks that the store answers; GC frees this node's allocations of this network whose attachment is not in
+`cni.dev/valid-attachments` (collect.py says which). The owner recorded with every address is the attachment,
+the network's name and the pod from CNI_ARGS (K8S_POD_NAMESPACE, K8S_POD_NAME, K8S_POD_UID). Static
+addresses come from runtimeConfig.ips (the `ips` capability), args.cni.ips and CNI_ARGS IP=; a sticky claim
+from args.cni.ipam-claim-reference, or, with `sticky: true`, a StatefulSet pod's name.
 
 The store is the cluster's (`kubeconfig` in the ipam config: custom resources) or, standalone, files under
 `dataDir` with a file lock. Allocators are kept per store and node for the life of the process, so the
@@ -15,8 +16,7 @@ daemon reuses its cache of this node's blocks.
 from __future__ import annotations
 
 import ipaddress
-import os
-import socket
+import logging
 import sys
 import threading
 from pathlib import Path
@@ -24,14 +24,17 @@ from typing import Any
 
 from delegates._plugin import PluginArgs
 from meta import schema
+from meta.cni import request as cnirequest
 from meta.cni import version as cniversion
-from meta.cni.errors import INTERNAL, INVALID_CONFIG, NOT_AVAILABLE, CNIError
+from meta.cni.errors import INTERNAL, INVALID_CONFIG, NOT_AVAILABLE, TRY_AGAIN_LATER, CNIError
 
-from . import config
+from . import collect, config
 from .allocator import Allocator, Lease
 from .config import ConfigError, IpamConf, Request
 from .ranges import Address, pool_object_name
-from .store import POOL, Store, Unavailable
+from .store import BLOCK, POOL, Store, Unavailable
+
+log = logging.getLogger("meta-ipam")
 
 _allocators: dict[tuple[Any, ...], Allocator] = {}
 _stores: dict[tuple[Any, ...], Store] = {}
@@ -43,7 +46,8 @@ def _what(args: PluginArgs) -> str:
     return f'meta-ipam: network "{args.config.get("name") or ""}"'
 
 
-def load(args: PluginArgs) -> tuple[IpamConf, Request]:
+def load_conf(args: PluginArgs) -> IpamConf:
+    """The ipam config alone (STATUS and GC ask on behalf of no attachment)."""
     ipam = args.config.get("ipam")
     if _standalone and schema.memo.path is None:
         # The exec'd plugin keeps the digests of validated configs beside its data, sparing later calls
@@ -52,12 +56,19 @@ def load(args: PluginArgs) -> tuple[IpamConf, Request]:
         base = data_dir if isinstance(data_dir, str) and data_dir.startswith("/") else config.DEFAULT_DATA_DIR
         schema.use_memo(Path(base) / ".schema-memo.json")
     schema.check("ipam", {"ipam": ipam}, _what(args))
+    try:
+        return config.parse(ipam, str(args.config.get("name") or ""))
+    except ConfigError as e:
+        raise CNIError(INVALID_CONFIG, f"{_what(args)}: {e}") from None
+
+
+def load(args: PluginArgs) -> tuple[IpamConf, Request]:
+    conf = load_conf(args)
     raw_args = args.config.get("args")
     args_cni = raw_args.get("cni") if isinstance(raw_args, dict) else None
     try:
-        conf = config.parse(ipam, str(args.config.get("name") or ""))
-        req = config.parse_request(container_id=args.container_id, ifname=args.ifname, cni_args=args.cni_args,
-                                   runtime_config=args.runtime_config,
+        req = config.parse_request(container_id=args.container_id, ifname=args.ifname, network=conf.network,
+                                   cni_args=args.cni_args, runtime_config=args.runtime_config,
                                    args_cni=args_cni if isinstance(args_cni, dict) else {}, sticky=conf.sticky)
     except ConfigError as e:
         raise CNIError(INVALID_CONFIG, f"{_what(args)}: {e}") from None
@@ -65,7 +76,7 @@ def load(args: PluginArgs) -> tuple[IpamConf, Request]:
 
 
 def node_name(conf: IpamConf) -> str:
-    return conf.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+    return config.node_name(conf.node_name)
 
 
 def _store_key(conf: IpamConf) -> tuple[Any, ...]:
@@ -165,11 +176,28 @@ def cmd_check(args: PluginArgs) -> None:
 
 
 def cmd_status(args: PluginArgs) -> None:
-    conf, _ = load(args)
+    conf = load_conf(args)
     try:
         open_store(conf).get(POOL, pool_object_name(conf.pool.network_name))
     except (Unavailable, CNIError) as e:
         raise CNIError(NOT_AVAILABLE, f"{_what(args)}: IPAM store not available: {getattr(e, 'msg', e)}") from None
+
+
+def cmd_gc(args: PluginArgs) -> None:
+    """CNI GC: free this node's allocations of this network (in its pool) whose attachment the runtime no
+    longer lists; released sticky addresses, other nodes' and other networks' allocations stay (collect.py)."""
+    conf = load_conf(args)
+    valid = cnirequest.valid_attachments(args.config)
+    allocator = allocator_for(conf)
+    pool = conf.pool.network_name
+    try:
+        blocks = {o.name: o for o in allocator.store.list(BLOCK, pool)}
+    except Unavailable as e:
+        raise CNIError(TRY_AGAIN_LATER, f"{_what(args)}: IPAM store unavailable: {e}") from None
+    stale = collect.stale_attachments(blocks.values(), node=allocator.node, network=conf.network, valid=valid)
+    for h in allocator.free(pool, stale, blocks):
+        log.info("meta-ipam GC: %s %s of pool %s (network %s, %s)", h.outcome, h.ip, pool, conf.network,
+                 h.describe())
 
 
 def main() -> int:

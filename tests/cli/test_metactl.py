@@ -89,6 +89,75 @@ def test_validate_reports_one_line_per_problem(tmp_path: Path) -> None:
     assert len(lines) == len(expect), lines
 
 
+META_IPAM = """\
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata: {name: bad-range, namespace: ns1}
+spec:
+  config: '{"cniVersion": "1.0.0", "type": "macvlan", "master": "eth0",
+            "ipam": {"type": "meta-ipam", "range": "10.232.0.0/24", "range_start": "10.233.0.5"}}'
+---
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata: {name: bad-field, namespace: ns1}
+spec:
+  config: '{"cniVersion": "1.0.0", "name": "x", "plugins": [{"type": "bridge", "bridge": "br9",
+            "ipam": {"type": "meta-ipam", "range": "10.232.1.0/24", "sticky": "yes", "colour": 1}}]}'
+---
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata: {name: blue-a, namespace: ns1}
+spec:
+  config: '{"cniVersion": "1.0.0", "type": "bridge", "bridge": "br9",
+            "ipam": {"type": "meta-ipam", "range": "10.232.2.0/24", "network_name": "blue"}}'
+---
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata: {name: blue-b, namespace: ns2}
+spec:
+  config: '{"cniVersion": "1.0.0", "type": "macvlan", "master": "eth0",
+            "ipam": {"type": "meta-ipam", "range": "10.232.3.0/24", "network_name": "blue"}}'
+---
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata: {name: blue-c, namespace: ns2}
+spec:
+  config: '{"cniVersion": "1.0.0", "type": "macvlan", "master": "eth0",
+            "ipam": {"type": "meta-ipam", "range": "10.232.2.0/24", "network_name": "blue", "gateway": "10.232.2.1"}}'
+---
+apiVersion: k8s.cni.cncf.io/v1
+kind: NetworkAttachmentDefinition
+metadata: {name: fine, namespace: ns1}
+spec:
+  config: '{"cniVersion": "1.0.0", "type": "macvlan", "master": "eth0",
+            "ipam": {"type": "meta-ipam", "range": "10.232.4.0/24", "ipRanges": [{"range": "fd00:232:4::/120"}],
+                     "gateway": ["10.232.4.1", "fd00:232:4::1"], "block_size": {"4": 27}}}'
+"""
+
+
+def test_validate_reports_meta_ipam_config_errors(tmp_path: Path) -> None:
+    """What meta-ipam's ADD would refuse (code 7), per NAD and field; and NADs sharing a pool (network_name)
+    with other ranges, which the ADD of the later one would refuse."""
+    f = tmp_path / "ipam.yaml"
+    f.write_text(META_IPAM)
+    p = metactl("validate", str(f))
+    assert p.returncode == 1
+    assert p.stdout.splitlines() == [
+        f"{f}: NetworkAttachmentDefinition ns1/bad-range: macvlan: ipam.range_start: 10.233.0.5 is not in "
+        "10.232.0.0/24",
+        f"{f}: NetworkAttachmentDefinition ns1/bad-field: bridge: ipam.colour: unknown field",
+        f"{f}: NetworkAttachmentDefinition ns1/bad-field: bridge: ipam.sticky: 'yes' is not of type "
+        "'boolean'",
+        f"{f}: NetworkAttachmentDefinition ns2/blue-b: macvlan: ipam.network_name: pool 'blue' is also used by "
+        "NetworkAttachmentDefinition ns1/blue-a with ranges ['10.232.2.0/24']; this one has ['10.232.3.0/24']: "
+        "NADs sharing a pool need the same ranges and block_size",
+        f"{f}: NetworkAttachmentDefinition ns2/blue-c: macvlan: ipam.network_name: pool 'blue' is also used by "
+        "NetworkAttachmentDefinition ns1/blue-a with ranges ['10.232.2.0/24']; this one has "
+        "['10.232.2.0/24 exclude 10.232.2.1']: NADs sharing a pool need the same ranges and block_size",
+    ]
+    assert p.stderr.startswith("6 object(s) checked, 5 problem(s)")
+
+
 def test_validate_unreadable_yaml(tmp_path: Path) -> None:
     f = tmp_path / "broken.yaml"
     f.write_text("kind: [unclosed\n")

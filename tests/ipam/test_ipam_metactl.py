@@ -28,8 +28,8 @@ def data(tmp_path: Path) -> Path:
                          "ipRanges": [{"range": "fd00:232:70::/122"}]}, "blue").pool
     red = config.parse({"type": "meta-ipam", "range": "10.232.71.0/28", "range_end": "10.232.71.5"}, "red").pool
     a, b = Allocator(store, "node-a"), Allocator(store, "node-b")
-    a.allocate(blue, config.Owner("c1" + "0" * 20, "net1", "ns1", "web-0", "u1"), claim="ns1/web-0")
-    b.allocate(blue, config.Owner("c2", "net1", "ns1", "api", "u2"))
+    a.allocate(blue, config.Owner("c1" + "0" * 20, "net1", "ns1", "web-0", "u1", "blue"), claim="ns1/web-0")
+    b.allocate(blue, config.Owner("c2", "net1", "ns1", "api", "u2"))  # no network: written by an older meta-ipam
     a.allocate(red, config.Owner("c3", "net2", "ns2", "db", "u3"), static=[ipaddress.ip_address("10.232.71.9")])
     return d
 
@@ -51,13 +51,16 @@ def test_allocations(data: Path) -> None:
     p = metactl(data, "allocations", "blue")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert lines[0].split() == ["POOL", "ADDRESS", "BLOCK", "NODE", "POD", "UID", "CONTAINER", "IFNAME", "KIND", "STATE"]
+    assert lines[0].split() == ["POOL", "ADDRESS", "BLOCK", "NODE", "NETWORK", "POD", "UID", "CONTAINER", "IFNAME",
+                                "KIND", "STATE"]
     rows = [ln.split() for ln in lines[1:]]
     assert rows == [
-        ["blue", "10.232.70.2", "10.232.70.0/26", "node-a", "ns1/web-0", "u1", "c10000000000", "net1", "claim", "ns1/web-0", "held"],
-        ["blue", "10.232.70.3", "10.232.70.0/26", "node-b", "ns1/api", "u2", "c2", "net1", "dynamic", "held"],
-        ["blue", "fd00:232:70::1", "fd00:232:70::/122", "node-a", "ns1/web-0", "u1", "c10000000000", "net1", "claim", "ns1/web-0", "held"],
-        ["blue", "fd00:232:70::2", "fd00:232:70::/122", "node-b", "ns1/api", "u2", "c2", "net1", "dynamic", "held"],
+        ["blue", "10.232.70.2", "10.232.70.0/26", "node-a", "blue", "ns1/web-0", "u1", "c10000000000", "net1", "claim",
+         "ns1/web-0", "held"],
+        ["blue", "10.232.70.3", "10.232.70.0/26", "node-b", "-", "ns1/api", "u2", "c2", "net1", "dynamic", "held"],
+        ["blue", "fd00:232:70::1", "fd00:232:70::/122", "node-a", "blue", "ns1/web-0", "u1", "c10000000000", "net1",
+         "claim", "ns1/web-0", "held"],
+        ["blue", "fd00:232:70::2", "fd00:232:70::/122", "node-b", "-", "ns1/api", "u2", "c2", "net1", "dynamic", "held"],
     ]
     everything = [ln.split()[:2] for ln in metactl(data, "allocations").stdout.splitlines()[1:]]
     assert everything[-1] == ["red", "10.232.71.9"]

@@ -215,13 +215,6 @@ def cluster(kube_cluster: KubeCluster) -> Iterator[KubeCluster]:
 
 
 @pytest.fixture
-def store(cluster: KubeCluster) -> Iterator[KubeStore]:
-    s = KubeStore.from_token(cluster.host, cluster.token, str(cluster.ca_file), 30.0)
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def network() -> str:
     return f"kalloc-{uuid.uuid4().hex[:8]}"
 

@@ -25,8 +25,8 @@ def spec(network_name: str = "blue", **ipam: Any) -> PoolSpec:
     return config.parse({"type": "meta-ipam", "network_name": network_name, **ipam}, "net").pool
 
 
-def owner(cid: str, ifname: str = "net1", uid: str = "", name: str = "") -> Owner:
-    return Owner(cid, ifname, "ns", name or f"pod-{cid}", uid or f"uid-{cid}")
+def owner(cid: str, ifname: str = "net1", uid: str = "", name: str = "", network: str = "net") -> Owner:
+    return Owner(cid, ifname, "ns", name or f"pod-{cid}", uid or f"uid-{cid}", network)
 
 
 def no_sleep(_: float) -> None:
@@ -62,7 +62,8 @@ def test_add_records_the_owner_in_the_reservation_and_is_idempotent(store: FileS
     e = entries(store)
     assert set(e) == {"10.232.10.2", "fd00:232:10::1"}
     assert e["10.232.10.2"] == {"containerID": "c1", "ifname": "net1", "podNamespace": "ns", "podName": "pod-c1",
-                                "podUID": "uid-c1", "node": "n1", "static": False, "claim": None, "released": False}
+                                "podUID": "uid-c1", "network": "net", "node": "n1", "static": False, "claim": None,
+                                "released": False}
     blocks = {b.name: b.data for b in store.list(BLOCK, "blue")}
     assert blocks["blue-0ae80a00"] == {"pool": "blue", "cidr": "10.232.10.0/26", "node": "n1", "used": 1,
                                        "allocations": {"10.232.10.2": e["10.232.10.2"]}}

@@ -129,17 +129,17 @@ def request(cni_args: str = "", runtime_config: dict[str, Any] | None = None, ar
             sticky: bool = False) -> config.Request:
     from meta.cni import args as cniargs
 
-    return config.parse_request(container_id="c1", ifname="net1", cni_args=cniargs.parse(cni_args),
+    return config.parse_request(container_id="c1", ifname="net1", network="blue", cni_args=cniargs.parse(cni_args),
                                 runtime_config=runtime_config or {}, args_cni=args_cni or {}, sticky=sticky)
 
 
 def test_owner_from_cni_args() -> None:
     r = request("IgnoreUnknown=1;K8S_POD_NAMESPACE=ns1;K8S_POD_NAME=web-0;K8S_POD_UID=u-1")
-    assert r.owner == config.Owner("c1", "net1", "ns1", "web-0", "u-1")
+    assert r.owner == config.Owner("c1", "net1", "ns1", "web-0", "u-1", "blue")
     assert r.static == () and r.claim is None
     assert r.owner.entry("n1", static=True, claim="x") == {
         "containerID": "c1", "ifname": "net1", "podNamespace": "ns1", "podName": "web-0", "podUID": "u-1",
-        "node": "n1", "static": True, "claim": "x", "released": False}
+        "network": "blue", "node": "n1", "static": True, "claim": "x", "released": False}
 
 
 def test_static_addresses_from_every_source() -> None:

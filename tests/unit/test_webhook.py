@@ -56,6 +56,8 @@ def answer(req: dict[str, Any]) -> dict[str, Any]:
 
 
 GOOD = '{"cniVersion": "1.0.0", "type": "bridge", "bridge": "br9", "ipam": {"type": "host-local", "subnet": "10.9.0.0/24"}}'
+META_IPAM_BAD = ('{"cniVersion": "1.0.0", "type": "macvlan", "master": "eth0", "ipam": {"type": "meta-ipam", '
+                 '"range": "10.232.0.0/24", "gateway": "10.232.9.1", "routes": [{"dst": "0.0.0.0/0", "gw": "10.232.0.7"}]}}')
 BAD_MODE = ('{"cniVersion": "1.0.0", "type": "macvlan", "mode": "sideways", "mtu": "big", '
             '"ipam": {"type": "host-local", "subnet": "10.9.0.0/24", "gateway": "10.8.0.1"}}')
 
@@ -89,6 +91,13 @@ def test_every_problem_is_listed() -> None:
     assert message.count("; ") >= 2
 
 
+def test_a_meta_ipam_config_error_is_denied_naming_the_field() -> None:
+    resp = answer(request("CREATE", nad("bad-pool", META_IPAM_BAD)))
+    assert resp["allowed"] is False
+    assert resp["status"]["message"] == ("NetworkAttachmentDefinition ns1/bad-pool: macvlan: ipam.gateway: "
+                                         "10.232.9.1 is in none of the ranges")
+
+
 def _lint_problems(obj: dict[str, Any], tmp_path: Path) -> list[str]:
     f = tmp_path / f"{obj['metadata']['name']}.yaml"
     f.write_text(yaml.safe_dump(obj))
@@ -103,6 +112,8 @@ def _lint_problems(obj: dict[str, Any], tmp_path: Path) -> list[str]:
     nad("not-json", '{"cniVersion": "1.0.0", "type": '),
     nad("no-type", '{"cniVersion": "1.0.0", "name": "n", "plugins": [{"type": "bridge"}, {"mtu": 1}]}'),
     nad("plain", GOOD),
+    nad("meta-ipam", META_IPAM_BAD),
+    nad("meta-ipam-ok", META_IPAM_BAD.replace("10.232.9.1", "10.232.0.1").replace("10.232.0.7", "10.232.0.1")),
     nad("on-node", ""),
     nad("with-extra", GOOD, annotations={"k8s.v1.cni.cncf.io/resourceName": "example.com/vf"}),
 ], ids=lambda o: o["metadata"]["name"])
