@@ -39,6 +39,7 @@ def _daemon(args: argparse.Namespace) -> int:
         node_name=args.node_name or os.environ.get("NODE_NAME") or None, max_concurrent=args.max_concurrent,
         max_wait=args.max_wait, cni_dirs=tuple(args.cni_dir or app.Options().cni_dirs),
         replay_interval=args.replay_interval, api_timeout=args.api_timeout, ipam_gc_interval=args.ipam_gc_interval,
+        attach_workers=args.attach_workers,
     )
     return app.run(opts, args.log_level)
 
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--ipam-gc-interval", type=_positive(float, zero_ok=True), default=60.0,
                     help="seconds between rounds of meta-ipam's garbage collector, which frees this node's addresses "
                          "whose pod is gone (needs the daemon's own API credentials; 0 turns it off; default 60)")
+    dm.add_argument("--attach-workers", type=_positive(int, zero_ok=True), default=2,
+                    help="worker processes that make a pod's built-in attachments side by side (default 2; 0: "
+                         "every attachment in the request's own thread)")
     dm.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
     dm.set_defaults(func=_daemon)
     ins = sub.add_parser("install", help="install the meta-cni shim and its config on the node (DaemonSet init container)")

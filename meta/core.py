@@ -7,6 +7,7 @@ so a failed DEL can be retried and nothing is leaked.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -14,7 +15,7 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -31,6 +32,9 @@ from .invoke.exec import ExecInvoker
 from .networks import resolve_element, resolve_reference
 from .sources import Pod, Source, SourceFactory, open_source
 
+if TYPE_CHECKING:
+    from .invoke.workers import Spread, Worker  # multiprocessing: the daemon's, not thin mode's, import
+
 log = logging.getLogger("meta-cni")
 MAX_PARALLEL = 8
 
@@ -44,6 +48,8 @@ class Context:
     invoker: Invoker
     _source: Source | None = None
     sources: SourceFactory = open_source
+    # The daemon's attachment workers (meta/invoke/workers.py); None: every attachment is made here.
+    spread: Spread | None = None
 
     @property
     def source(self) -> Source:
@@ -63,9 +69,10 @@ class Context:
 
 
 def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, source: Source | None = None,
-        sources: SourceFactory = open_source) -> str | None:
+        sources: SourceFactory = open_source, spread: Spread | None = None) -> str | None:
     """Execute one CNI command; the text to print on success (None for no output). A long-lived caller (the
-    daemon) passes `invoker` and `sources` that keep their state (watch caches, sockets) across calls."""
+    daemon) passes `invoker` and `sources` that keep their state (watch caches, sockets) across calls, and
+    `spread`, its worker processes for attachments."""
     req = cnirequest.parse(env, stdin)
     cni_dir = req.config.get("cniDir")
     cni_dir = cni_dir if isinstance(cni_dir, str) and cni_dir.startswith("/") else metaconfig.DEFAULTS["cniDir"]
@@ -85,7 +92,8 @@ def run(env: Mapping[str, str], stdin: bytes, invoker: Invoker | None = None, so
                 manifests_dir=raw["manifestsDir"] if isinstance(raw["manifestsDir"], str) else metaconfig.DEFAULTS["manifestsDir"],
                 kubeconfig=raw["kubeconfig"] if isinstance(raw["kubeconfig"], str) else None,
             )
-        ctx = Context(req=req, cfg=cfg, invoker=invoker or default_invoker(cfg), source=source, sources=sources)
+        ctx = Context(req=req, cfg=cfg, invoker=invoker or default_invoker(cfg), source=source, sources=sources,
+                      spread=spread)
         handler = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "STATUS": cmd_status, "GC": cmd_gc}[req.command]
         out = handler(ctx)
     finally:
@@ -200,7 +208,9 @@ class _Attacher:
     def attach(self, i: int) -> None:
         with self.lock:
             self.started.add(i)
-        res = chain.add(self.atts[i], self.ctx.invoker, self.base)
+        self._done(i, chain.add(self.atts[i], self.ctx.invoker, self.base))
+
+    def _done(self, i: int, res: dict[str, Any]) -> None:
         with self.lock:
             self.results[i] = res
             self.record = attrs.evolve(self.record, results=tuple(self.results))
@@ -218,31 +228,71 @@ class _Attacher:
 
     def attach_all(self, parallel: bool) -> None:
         """The primary first (NPWG: the cluster network comes first); the others in order, or, when
-        `parallel`, the exec'd ones side by side (they are independent: distinct interfaces, and IPAM
-        stores lock) while this thread makes the in-process ones. In-process attachments are not spread
-        over threads: they are CPU-bound Python, so threads only add GIL and event-loop contention
-        (measured: three built-in attachments took 2.6x longer on threads than one after the other)."""
+        `parallel`, side by side (they are independent: distinct interfaces, and IPAM stores lock): exec'd
+        ones on threads, in-process ones in the daemon's idle attachment workers (meta/invoke/workers.py),
+        the rest in this thread. In-process attachments are never spread over threads: they are CPU-bound
+        Python, so threads only add GIL and event-loop contention (measured: three built-in attachments took
+        2.6x longer on threads than one after the other)."""
         self.attach(0)
-        rest = range(1, len(self.atts))
+        rest = list(range(1, len(self.atts)))
         execd = [i for i in rest if not self.in_process(i)] if parallel else []
-        if len(execd) < 2 and not (execd and len(rest) > len(execd)):
+        mine = [i for i in rest if i not in execd]
+        spread = self.ctx.spread if parallel and len(mine) > 1 else None
+        # This thread keeps one in-process attachment (it would only wait otherwise); workers take the others.
+        remote = dict(zip(mine, spread.lease(len(mine) - 1))) if spread is not None else {}
+        mine = [i for i in mine if i not in remote]
+        if not remote and len(execd) < 2 and not (execd and mine):
             for i in rest:
                 self.attach(i)
             return
-        from concurrent.futures import ThreadPoolExecutor
-
         errors: dict[int, BaseException] = {}
-        with ThreadPoolExecutor(max_workers=min(len(execd), MAX_PARALLEL), thread_name_prefix="attach") as pool:
-            futures = {i: pool.submit(self.attach, i) for i in execd}
-            for i in rest:
-                if i not in futures:
-                    try:
-                        self.attach(i)
-                    except Exception as e:  # the pool's attachments still finish, then rollback sees all
-                        errors[i] = e
+        sent = self._send(remote)
+        mine = sorted(set(mine) | (set(remote) - set(sent)))
+        with contextlib.ExitStack() as stack:
+            futures = {}
+            if execd:
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(len(execd), MAX_PARALLEL),
+                                                              thread_name_prefix="attach"))
+                futures = {i: pool.submit(self.attach, i) for i in execd}
+            for i in mine:
+                try:
+                    self.attach(i)
+                except Exception as e:  # the others still finish, then rollback sees all
+                    errors[i] = e
+            self._receive(sent, errors)
         errors.update({i: e for i, f in futures.items() if (e := f.exception()) is not None})
         if errors:
             raise errors[min(errors)]  # the first by attachment order
+
+    def _send(self, remote: dict[int, Worker]) -> dict[int, Worker]:
+        """Hand each attachment to its worker; those it could not hand over (a worker that died while idle:
+        nothing of theirs was made) are left out, for this thread to make."""
+        sent: dict[int, Worker] = {}
+        for i, worker in remote.items():
+            assert self.ctx.spread is not None
+            try:
+                self.ctx.spread.send(worker, self.atts[i], self.base)
+            except (OSError, ValueError) as e:
+                log.warning("attachment worker unavailable (%s): making %s here", e, self.atts[i].name)
+                worker.kill()
+                self.ctx.spread.give_back(worker)
+                continue
+            with self.lock:
+                self.started.add(i)
+            sent[i] = worker
+        return sent
+
+    def _receive(self, sent: dict[int, Worker], errors: dict[int, BaseException]) -> None:
+        for i, worker in sent.items():
+            assert self.ctx.spread is not None
+            try:
+                self._done(i, self.ctx.spread.receive(worker, self.atts[i]))
+            except CNIError as e:
+                errors[i] = e
+            finally:
+                self.ctx.spread.give_back(worker)
 
     def rollback(self, first: CNIError) -> None:
         """Undo every attachment that was started, in reverse order."""

@@ -21,6 +21,7 @@ import attrs
 from .. import config as metaconfig
 from ..ipam import config as ipamconfig
 from . import ipamgc, logs
+from ..invoke.workers import Workers
 from .dispatch import Dispatcher
 from .metrics import CONTENT_TYPE, Metrics
 from .replay import Replayer
@@ -46,6 +47,7 @@ class Options:
     api_timeout: float | None = None
     in_cluster: bool | None = None
     ipam_gc_interval: float = ipamgc.DEFAULT_INTERVAL
+    attach_workers: int = 2
 
 
 class Daemon:
@@ -53,7 +55,8 @@ class Daemon:
         self.opts = opts
         self.metrics = Metrics()
         self.sources = DaemonSources(opts.kubeconfig, opts.node_name, opts.api_timeout, opts.in_cluster)
-        self.dispatcher = Dispatcher(self.sources, self.metrics, opts.max_concurrent, opts.max_wait)
+        self.workers = Workers(opts.attach_workers) if opts.attach_workers > 0 else None
+        self.dispatcher = Dispatcher(self.sources, self.metrics, opts.max_concurrent, opts.max_wait, self.workers)
         self.replayer = Replayer(self.dispatcher, opts.cni_dirs)
         self.stopping = threading.Event()
         endpoints = Endpoints(self.dispatcher.handle, self.not_ready, self.render_metrics)
@@ -100,6 +103,8 @@ class Daemon:
 
     def _maintain(self) -> None:
         warm_up()
+        if self.workers is not None:
+            self.workers.start()  # until then, requests make every attachment themselves
         left = self.replayer.replay_all(self.stopping)
         self.dispatcher.replayed.set()
         log.info("start-up replay of spooled DELs done", extra={"fields": {"still_pending": left}})
@@ -116,6 +121,8 @@ class Daemon:
             self.tcp.close()
         if self.maintenance is not None:
             self.maintenance.join()  # a replay in progress finishes like any other request
+        if self.workers is not None:
+            self.workers.close()
         if self.ipam_gc_thread is not None:
             self.ipam_gc_thread.join()  # a round's API calls are bounded by the API timeout
         self.sources.close()

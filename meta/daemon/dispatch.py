@@ -30,10 +30,12 @@ from ..cni import args as cniargs
 from ..cni import request as cnirequest
 from ..cni.errors import TRY_AGAIN_LATER, CNIError
 from ..invoke import Invoker
+from ..invoke.timed import TimedInvoker
+from ..invoke.workers import Spread, Workers
 from ..main import execute, version_info
 from ..sources import SourceFactory
 from . import logs, spool
-from .metrics import Metrics, MeteredInvoker, result_label
+from .metrics import Metrics, result_label
 
 log = logging.getLogger("meta-cni.daemon")
 GATED = ("ADD", "CHECK", "GC")
@@ -120,9 +122,11 @@ class KeyLocks:
 
 
 class Dispatcher:
-    def __init__(self, sources: SourceFactory, metrics: Metrics, max_concurrent: int, max_wait: float) -> None:
+    def __init__(self, sources: SourceFactory, metrics: Metrics, max_concurrent: int, max_wait: float,
+                 workers: Workers | None = None) -> None:
         self.sources = sources
         self.metrics = metrics
+        self.workers = workers
         self.max_concurrent = max_concurrent
         self.max_wait = max_wait
         self.slots = threading.BoundedSemaphore(max_concurrent)
@@ -146,7 +150,8 @@ class Dispatcher:
                 from ..invoke.builtin import BuiltinInvoker
                 from ..invoke.exec import ExecInvoker
 
-                inv = self.invokers[key] = MeteredInvoker(BuiltinInvoker(ExecInvoker(key[0]), key[1]), self.metrics)
+                inv = self.invokers[key] = TimedInvoker(BuiltinInvoker(ExecInvoker(key[0]), key[1]),
+                                                        self.metrics.delegate_done)
             return inv
 
     @contextlib.contextmanager
@@ -173,7 +178,11 @@ class Dispatcher:
             self.cni_dirs.add(peek.cni_dir)
         if new and self.on_new_cni_dir is not None:
             self.on_new_cni_dir(peek.cni_dir)
-        return execute(dict(env), stdin, invoker=self.invoker(peek), sources=self.sources)
+        spread = None
+        if self.workers is not None:
+            spread = Spread(self.workers, peek.delegate_timeout, peek.builtin_standard_types,
+                            self.metrics.delegate_done, self.metrics.worker_done)
+        return execute(dict(env), stdin, invoker=self.invoker(peek), sources=self.sources, spread=spread)
 
     @staticmethod
     def _refuse(peek: Peek, msg: str) -> tuple[int, str, int | None]:

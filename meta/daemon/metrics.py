@@ -15,7 +15,6 @@ plus the client library's process and Python runtime collectors.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -25,8 +24,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from ..cni.errors import INTERNAL, CNIError
-from ..invoke import Invocation, Invoker
+from ..invoke.timed import Observation
 
 # CNI calls span ~5 ms (a DEL with nothing cached) to minutes (delegates that time out).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -72,6 +70,9 @@ class Metrics:
         self.delegate_seconds = Histogram("meta_cni_delegate_duration_seconds",
                                           "Latency of each delegate plugin call, by plugin type and command.",
                                           ["plugin", "command", "result"], buckets=BUCKETS, registry=r)
+        self.worker_attachments = Counter("meta_cni_worker_attachments", "Attachments made in attachment worker "
+                                          "processes, side by side with the request's own thread, by result.",
+                                          ["result"], registry=r)
         self.in_flight = Gauge("meta_cni_requests_in_flight", "CNI requests running now.", registry=r)
         self.waiting = Gauge("meta_cni_requests_waiting", "CNI requests waiting for a free slot.", registry=r)
         self.replays = Counter("meta_cni_pending_del_replays", "Replays of spooled DEL requests, by result.",
@@ -94,31 +95,14 @@ class Metrics:
         self.requests.labels(command, label).inc()
         self.request_seconds.labels(command, label).observe(seconds)
 
+    def delegate_done(self, call: Observation) -> None:
+        """One delegate call, in this process or in an attachment worker."""
+        plugin_type, command, code, seconds = call
+        self.delegate_seconds.labels(plugin_type, command, result_label(code)).observe(seconds)
+
+    def worker_done(self, code: int | None) -> None:
+        self.worker_attachments.labels(result_label(code)).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-
-class MeteredInvoker:
-    """An Invoker that times every delegate call of the one it wraps."""
-
-    def __init__(self, inner: Invoker, metrics: Metrics) -> None:
-        self.inner = inner
-        self.metrics = metrics
-
-    def in_process(self, plugin_type: str) -> bool:
-        # core schedules in-process attachments differently (meta/core.py _Attacher.attach_all).
-        in_process = getattr(self.inner, "in_process", None)
-        return bool(in_process and in_process(plugin_type))
-
-    def run(self, plugin_type: str, stdin: bytes, inv: Invocation) -> bytes:
-        start = time.monotonic()
-        code: int | None = INTERNAL
-        try:
-            out = self.inner.run(plugin_type, stdin, inv)
-            code = None
-            return out
-        except CNIError as e:
-            code = e.code
-            raise
-        finally:
-            self.metrics.delegate_seconds.labels(plugin_type, inv.command, result_label(code)).observe(time.monotonic() - start)

@@ -120,6 +120,26 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def helpers_rss(pid: int) -> int:
+    """VmRSS in KiB summed over the daemon's descendant processes (attachment workers, their fork server and
+    multiprocessing's resource tracker; exec'd delegates too while any runs): shared pages count in each."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = [int(c) for t in Path(f"/proc/{p}/task").iterdir()
+                        for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+        for c in children:
+            try:
+                total += proc_status(c).get("VmRSS", 0)
+            except OSError:  # it exited meanwhile
+                continue
+            todo.append(c)
+    return total
+
+
 # --- the daemon -----------------------------------------------------------------------------------------
 
 class Daemon:
@@ -606,6 +626,7 @@ def run(rounds: int, warmup: int, pods: int, bursts: int, max_concurrent: int) -
             bench.daemon.alive()
         t_rounds = time.monotonic() - t_rounds
         warm = proc_status(bench.daemon.pid)
+        warm["helpers"] = helpers_rss(bench.daemon.pid)
         served = bench.daemon.served()
 
         burst_runs: list[tuple[str, dict[str, Any]]] = []
@@ -719,7 +740,8 @@ def report(samples: dict[str, list[Sample]], cids: dict[str, list[str]], served:
                    f"before a burst {mib(max(r['rss_before'] for r in d))}, peak (VmHWM) during the ADD burst "
                    f"{mib(max(r['hwm_add'] for r in d))}, during the DEL burst {mib(max(r['hwm_del'] for r in d))}; "
                    f"lifetime VmHWM at the end {mib(lifetime['VmHWM'])} (reset by each burst); threads after "
-                   f"{d[-1]['threads_after']}")
+                   f"{d[-1]['threads_after']}; its helper processes (attachment workers, fork server, resource "
+                   f"tracker) {mib(warm['helpers'])} RSS after the rounds")
         out.append("after every burst: each netns back to lo only, bridges without ports, host-local stores and "
                    "meta-cni's cache empty, no spooled DEL, network-status cleared - checked")
     return "\n".join(out)

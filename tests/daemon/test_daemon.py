@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
+import os
+import signal
 import socket
 import stat
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -352,4 +355,82 @@ def test_installed_zipapp_shim(dsc: DaemonScenario, daemon: Callable[..., Daemon
     assert [i["name"] for i in res["interfaces"] if i.get("sandbox")] == ["eth0", "net1", "net2"]
     ok(run_thick(sc, "CHECK", c, ns, binary=shim, extra_env=clean_env))
     ok(run_thick(sc, "DEL", c, ns, binary=shim, extra_env=clean_env))
+    assert_clean(sc, c, ns)
+
+
+def _all_built_in(sc: DaemonScenario) -> None:
+    """Two secondaries whose plugins and IPAM are all built in: the kind an attachment worker can make."""
+    sc.write_primary()
+    in_process = {"type": "meta-host-local", "dataDir": str(sc.data_dir)}
+    sc.add_nad("bi-br", {"type": "meta-bridge", "bridge": sc.bridge_name(), "ipam": {**in_process, "subnet": str(sc.subnet())}})
+    sc.add_nad("bi-mv", {"type": "meta-macvlan", "master": sc.master(), "mode": "bridge",
+                         "ipam": {**in_process, "subnet": str(sc.subnet())}})
+    sc.add_pod("bi-br,bi-mv")
+
+
+def _worker_pids(d: Daemon) -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "multiprocessing.forkserver"], capture_output=True, text=True).stdout.split()
+    servers = [int(p) for p in out if _parent(int(p)) == d.proc.pid]
+    return {pid for server in servers for pid in _children(server)}
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_built_in_secondaries_are_made_side_by_side_in_workers(dsc: DaemonScenario, daemon: Callable[..., Daemon],
+                                                               netns_factory: Callable[[], str]) -> None:
+    sc = dsc
+    _all_built_in(sc)
+    d = daemon()
+    workers = _worker_pids(d)
+    assert len(workers) == 2, "two attachment workers by default, forked from the daemon's fork server"
+    ns, c = netns_factory(), cid()
+    added = ok(run_thick(sc, "ADD", c, ns))
+    assert sorted(links_in(ns)) == ["eth0", "lo", "net1", "net2"]
+    assert [i["name"] for i in added["interfaces"] if i.get("sandbox")] == ["eth0", "net1", "net2"]
+    assert [e["interface"] for e in sc.status()] == ["eth0", "net1", "net2"]
+    m = d.metrics()
+    assert metric(m, "meta_cni_worker_attachments_total", result="ok") == 1, "one secondary made by a worker"
+    for plugin in ("meta-bridge", "meta-macvlan"):
+        assert metric(m, "meta_cni_delegate_duration_seconds_count", plugin=plugin, command="ADD", result="ok") == 1, \
+            "a worker's delegate calls reach the daemon's metrics"
+    assert ok(run_thick(sc, "DEL", c, ns)) is None
+    assert_clean(sc, c, ns)
+
+    # Workers that died while idle: the request makes those attachments itself, and they are replaced.
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    ns2, c2 = netns_factory(), cid()
+    ok(run_thick(sc, "ADD", c2, ns2))
+    assert sorted(links_in(ns2)) == ["eth0", "lo", "net1", "net2"]
+    assert ok(run_thick(sc, "DEL", c2, ns2)) is None
+    assert_clean(sc, c2, ns2)
+    deadline = time.monotonic() + 30
+    while len(_worker_pids(d) - workers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(_worker_pids(d) - workers) == 2, "fresh workers took the dead ones' places"
+
+
+def test_without_workers_every_attachment_is_made_in_the_request(dsc: DaemonScenario, daemon: Callable[..., Daemon],
+                                                                 netns_factory: Callable[[], str]) -> None:
+    sc = dsc
+    _all_built_in(sc)
+    d = daemon("--attach-workers", "0")
+    assert _worker_pids(d) == set()
+    ns, c = netns_factory(), cid()
+    ok(run_thick(sc, "ADD", c, ns))
+    assert sorted(links_in(ns)) == ["eth0", "lo", "net1", "net2"]
+    assert metric(d.metrics(), "meta_cni_worker_attachments_total", result="ok") == 0
+    assert ok(run_thick(sc, "DEL", c, ns)) is None
     assert_clean(sc, c, ns)

@@ -271,14 +271,14 @@ def _never_the_hosts_cni_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     yield
 
 
-def test_metered_invoker_keeps_in_process_scheduling() -> None:
-    """core makes in-process attachments in its own thread and exec'd ones side by side: the metering
-    wrapper must still say which is which."""
-    from meta.daemon.metrics import MeteredInvoker
+def test_timed_invoker_keeps_in_process_scheduling() -> None:
+    """core makes in-process attachments in its own thread (or a worker) and exec'd ones side by side: the
+    timing wrapper must still say which is which."""
     from meta.invoke.builtin import BuiltinInvoker
     from meta.invoke.exec import ExecInvoker
+    from meta.invoke.timed import TimedInvoker
 
-    builtin = MeteredInvoker(BuiltinInvoker(ExecInvoker(5.0), standard_types=False), Metrics())
+    builtin = TimedInvoker(BuiltinInvoker(ExecInvoker(5.0), standard_types=False), Metrics().delegate_done)
     assert builtin.in_process("meta-bridge") and builtin.in_process("meta-host-local")
     assert not builtin.in_process("bridge") and not builtin.in_process("calico")
-    assert not MeteredInvoker(ExecInvoker(5.0), Metrics()).in_process("meta-bridge")
+    assert not TimedInvoker(ExecInvoker(5.0), Metrics().delegate_done).in_process("meta-bridge")
