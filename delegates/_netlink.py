@@ -1,6 +1,6 @@
-"""Small netlink helpers shared by the built-in delegates (pyroute2), in the spirit of the reference
-plugins' pkg/ip and pkg/ipam: veth creation, address and route configuration, settling IPv6 DAD,
-sysctls inside the namespace, and the checks CHECK needs."""
+"""Small netlink helpers shared by the built-in delegates (pyroute2's messages over _rtnl.Rtnl), in the spirit
+of the reference plugins' pkg/ip and pkg/ipam: veth creation, address and route configuration, settling IPv6
+DAD, sysctls inside the namespace, and the checks CHECK needs."""
 from __future__ import annotations
 
 import errno
@@ -10,11 +10,12 @@ import threading
 import time
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meta.cni.errors import INTERNAL, CNIError
 from meta.netns import NetnsGone, entered
+
+from ._rtnl import Rtnl
 
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
@@ -26,13 +27,13 @@ RTPROT_BOOT = 3  # what the reference plugins (vishvananda/netlink) and `ip rout
 _local = threading.local()
 
 
-def host_socket() -> IPRoute:
-    """This thread's netlink socket in the host namespace, kept for the life of the process: opening one
-    costs about a millisecond, and a node daemon makes many attachments. Thread-local because a pyroute2
-    socket must not be shared between threads (parallel attachments)."""
+def host_socket() -> Rtnl:
+    """This thread's netlink socket in the host namespace, kept for the life of the process (a node daemon
+    makes many attachments). Thread-local because one socket serves one request at a time (parallel
+    attachments)."""
     sock = getattr(_local, "host", None)
     if sock is None:
-        sock = _local.host = IPRoute()
+        sock = _local.host = Rtnl()
     return sock
 
 
@@ -42,13 +43,13 @@ class Links:
     def __init__(self, netns: str) -> None:
         self.netns = netns
         self.host = host_socket()
-        self._ns: IPRoute | None = None
+        self._ns: Rtnl | None = None
 
     @property
-    def ns(self) -> IPRoute:
+    def ns(self) -> Rtnl:
         if self._ns is None:
             with entered(self.netns):
-                self._ns = IPRoute()
+                self._ns = Rtnl()
         return self._ns
 
     def close(self) -> None:
@@ -62,7 +63,7 @@ class Links:
         self.close()
 
 
-def link_by_name(ipr: IPRoute, name: str) -> Any | None:
+def link_by_name(ipr: Rtnl, name: str) -> Any | None:
     """The link message of `name`, or None: one RTM_GETLINK by name (link_lookup() would dump and filter
     every link of the namespace)."""
     try:
@@ -73,12 +74,12 @@ def link_by_name(ipr: IPRoute, name: str) -> Any | None:
         raise
 
 
-def index_of(ipr: IPRoute, name: str) -> int | None:
+def index_of(ipr: Rtnl, name: str) -> int | None:
     msg = link_by_name(ipr, name)
     return None if msg is None else int(msg["index"])
 
 
-def link(ipr: IPRoute, index: int) -> Any:
+def link(ipr: Rtnl, index: int) -> Any:
     return ipr.get_links(index)[0]
 
 
@@ -94,7 +95,7 @@ def random_name(prefix: str = "veth") -> str:
     return f"{prefix}{os.urandom(4).hex()}"
 
 
-def default_route_ifname(ipr: IPRoute) -> str | None:
+def default_route_ifname(ipr: Rtnl) -> str | None:
     """The interface of the first IPv4 default route (the reference plugins' master fallback)."""
     for r in ipr.get_routes(family=2, table=254):
         if r.get("dst_len") == 0 and r.get("oif"):
@@ -113,7 +114,7 @@ def read_sysctl(key: str) -> str:
         return f.read().strip()
 
 
-def ensure_no_link(ipr: IPRoute, name: str, netns: str) -> None:
+def ensure_no_link(ipr: Rtnl, name: str, netns: str) -> None:
     if index_of(ipr, name) is not None:
         raise CNIError(INTERNAL, f"container interface {name!r} already exists in {netns}")
 
@@ -174,7 +175,7 @@ def _try_sysctl(key: str, value: str) -> None:
         pass  # kernels without IPv6 have no such key; the address add will then fail clearly
 
 
-def settle_addresses(ns: IPRoute, index: int, ifname: str, timeout: float = 5.0) -> None:
+def settle_addresses(ns: Rtnl, index: int, ifname: str, timeout: float = 5.0) -> None:
     """Wait until no IPv6 address of the link is tentative (DAD done), as the reference SettleAddresses."""
     deadline = time.monotonic() + timeout
     while True:
@@ -194,7 +195,7 @@ def delete_in_netns(netns: str, ifname: str) -> None:
         return
     try:
         with entered(netns):
-            ns = IPRoute()
+            ns = Rtnl()
     except NetnsGone:
         return
     try:
@@ -209,7 +210,7 @@ def delete_in_netns(netns: str, ifname: str) -> None:
         ns.close()
 
 
-def check_ips_and_routes(ns: IPRoute, ifname: str, result: dict[str, Any], iface_index: int) -> None:
+def check_ips_and_routes(ns: Rtnl, ifname: str, result: dict[str, Any], iface_index: int) -> None:
     """CHECK: every address of the result on the interface, every route of the result present."""
     idx = index_of(ns, ifname)
     if idx is None:

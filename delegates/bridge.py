@@ -44,7 +44,6 @@ import time
 from typing import Any, Callable
 
 import attrs
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meta.cni import version as cniversion
@@ -53,6 +52,7 @@ from meta.netns import NetnsGone, entered, open_netns
 
 from . import _netlink as nl
 from ._netlink import link_by_name
+from ._rtnl import Rtnl
 from ._plugin import PluginArgs, gc_via_ipam, ipam_add, ipam_check, ipam_del, status_via_ipam
 
 DEFAULT_BRIDGE = "cni0"
@@ -238,7 +238,7 @@ def dns_set(dns: dict[str, Any]) -> bool:
 # --- links --------------------------------------------------------------------------------------------------
 
 
-def _bridge_by_name(ipr: IPRoute, name: str) -> Any:
+def _bridge_by_name(ipr: Rtnl, name: str) -> Any:
     msg = link_by_name(ipr, name)
     if msg is None:
         raise _fail(f"could not lookup {go_quote(name)}: Link not found")
@@ -247,7 +247,7 @@ def _bridge_by_name(ipr: IPRoute, name: str) -> Any:
     return msg
 
 
-def ensure_bridge(ipr: IPRoute, conf: Conf) -> Any:
+def ensure_bridge(ipr: Rtnl, conf: Conf) -> Any:
     """The reference ensureBridge: create the bridge if missing (MTU, vlan_filtering only at creation), promisc,
     accept_ra=0, up; the link message as it is before any port of this ADD joins."""
     where = f"failed to create bridge {go_quote(conf.bridge)}"
@@ -282,7 +282,7 @@ def ensure_bridge(ipr: IPRoute, conf: Conf) -> Any:
     return msg
 
 
-def make_veth(ipr: IPRoute, ifname: str, mtu: int, mac: str | None, netns_fd: int | None,
+def make_veth(ipr: Rtnl, ifname: str, mtu: int, mac: str | None, netns_fd: int | None,
               master: int) -> tuple[str, Any]:
     """One netlink request: a veth whose end `ifname` is created in the namespace of `netns_fd` (the host's when
     None) and whose host end, a random `veth<8 hex>`, is up and already a port of `master`. Retries on a host
@@ -317,7 +317,7 @@ def make_veth(ipr: IPRoute, ifname: str, mtu: int, mac: str | None, netns_fd: in
     raise _fail("failed to find a unique veth name")
 
 
-def bridge_vlans(ipr: IPRoute, index: int) -> list[int]:
+def bridge_vlans(ipr: Rtnl, index: int) -> list[int]:
     """VIDs configured on one bridge port (the reference's BridgeVlanList for that port)."""
     vids = []
     for msg in ipr.get_vlans():
@@ -331,7 +331,7 @@ def bridge_vlans(ipr: IPRoute, index: int) -> list[int]:
     return vids
 
 
-def setup_port(ipr: IPRoute, host_name: str, index: int, hairpin: bool, isolated: bool, vlan: int,
+def setup_port(ipr: Rtnl, host_name: str, index: int, hairpin: bool, isolated: bool, vlan: int,
                trunk: tuple[int, ...], preserve_default_vlan: bool) -> None:
     """Hairpin, isolation and VLAN membership of a new bridge port (the tail of the reference's setupVeth)."""
     if hairpin or isolated:
@@ -363,7 +363,7 @@ def setup_port(ipr: IPRoute, host_name: str, index: int, hairpin: bool, isolated
         raise _fail(f"failed to setup vlan tag on interface {go_quote(host_name)}: {_errstr(e)}") from None
 
 
-def ensure_addr(ipr: IPRoute, msg: Any, family: int, gw: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+def ensure_addr(ipr: Rtnl, msg: Any, family: int, gw: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
                 force: bool, pin_mac: str) -> None:
     """The reference ensureAddr: `gw` on the link (an IPv4 address, or an overlapping IPv6 one, that differs is an
     error unless `force`, which replaces it), then the link's MAC set to `pin_mac` (the bridge's own MAC, so that
@@ -394,7 +394,7 @@ def ensure_addr(ipr: IPRoute, msg: Any, family: int, gw: ipaddress.IPv4Interface
         raise _fail(f"could not set bridge's mac: {_errstr(e)}") from None
 
 
-def ensure_vlan_iface(ipr: IPRoute, conf: Conf, br: Any) -> Any:
+def ensure_vlan_iface(ipr: Rtnl, conf: Conf, br: Any) -> Any:
     """The reference's `<bridge>.<vlan>` gateway: a veth pair in the host namespace whose random end is an access
     port of the VLAN on the bridge; its other end, named `<bridge>.<vlan>`, carries the gateway address."""
     name = f"{conf.bridge}.{conf.vlan}"
@@ -416,7 +416,7 @@ def ensure_vlan_iface(ipr: IPRoute, conf: Conf, br: Any) -> Any:
     return msg
 
 
-def _pin_mac(ipr: IPRoute, conf: Conf, br_mac: str) -> str:
+def _pin_mac(ipr: Rtnl, conf: Conf, br_mac: str) -> str:
     """The MAC to pin the bridge to: the one it had before this ADD's port joined, as the reference; but a bridge
     whose last port left has the all-zero MAC, which cannot be set (the reference fails there): then its current
     one."""
@@ -723,7 +723,7 @@ def _oper_state(msg: Any) -> str:
     return str(msg.get("IFLA_OPERSTATE") or "unknown").lower()
 
 
-def wait_port_up(ipr: IPRoute, index: int) -> Any:
+def wait_port_up(ipr: Rtnl, index: int) -> Any:
     """The reference's bridge-port check: poll the host veth until its oper state is up."""
     msg = None
     for i, ms in enumerate(OPER_UP_WAITS_MS):
@@ -776,7 +776,7 @@ def cmd_add(args: PluginArgs) -> dict[str, Any]:
             raise
 
 
-def _delete_link(ipr: IPRoute, index: int) -> None:
+def _delete_link(ipr: Rtnl, index: int) -> None:
     try:
         ipr.link("del", index=index)
     except NetlinkError as e:
@@ -883,7 +883,7 @@ def del_link_collect(netns: str, ifname: str) -> list[Any] | None:
     """The reference DelLinkByNameAddr: delete `ifname` in the namespace; its global unicast addresses, or None
     when there is no such link. NetnsGone when the namespace is."""
     with entered(netns):
-        ns = IPRoute()
+        ns = Rtnl()
     try:
         msg = link_by_name(ns, ifname)
         if msg is None:
