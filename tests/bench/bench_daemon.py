@@ -45,19 +45,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = REPO / ".venv"
 
 if __name__ == "__main__":
     # The Kubernetes client (the API server's fixtures) and the daemon need the project's venv.
-    try:
-        import attrs  # noqa: F401
-        import kubernetes  # noqa: F401
-        import pyroute2  # noqa: F401
-    except ImportError:
-        if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").is_file():
-            os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), __file__, *sys.argv[1:]])
-        sys.exit("attrs, kubernetes and pyroute2 are needed: run under the project's venv (make provision)")
-    sys.path.insert(0, str(REPO))
+    from in_venv import ensure  # this directory is sys.path[0] when run as a script
+
+    ensure(__file__, ("attrs", "kubernetes", "pyroute2"))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

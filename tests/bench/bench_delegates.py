@@ -37,16 +37,10 @@ REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv"
 
 if __name__ == "__main__":
-    # The in-process measurements need the project's dependencies: run under the repo's venv if this
-    # interpreter does not have them.
-    try:
-        import attrs  # noqa: F401
-        import pyroute2  # noqa: F401
-    except ImportError:
-        if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").is_file():
-            os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), __file__, *sys.argv[1:]])
-        sys.exit("attrs and pyroute2 are needed: run under the project's venv (make provision, pip install -e .)")
-    sys.path.insert(0, str(REPO))
+    # The in-process measurements need the project's dependencies.
+    from in_venv import ensure  # this directory is sys.path[0] when run as a script
+
+    ensure(__file__, ("attrs", "pyroute2"))
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402

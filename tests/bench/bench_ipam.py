@@ -32,18 +32,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-VENV = REPO / ".venv"
 
 if __name__ == "__main__":
-    try:
-        import attrs  # noqa: F401
-        import kubernetes  # noqa: F401
-    except ImportError:
-        if Path(sys.prefix).resolve() != VENV.resolve() and (VENV / "bin" / "python").is_file():
-            os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), __file__, *sys.argv[1:]])
-        raise
+    from in_venv import ensure  # this directory is sys.path[0] when run as a script
 
-sys.path.insert(0, str(REPO))
+    ensure(__file__, ("attrs", "kubernetes"))
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
