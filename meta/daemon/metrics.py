@@ -3,6 +3,7 @@
     meta_cni_requests_total{command,result}                 CNI requests served; result "ok" or the CNI error code
     meta_cni_request_duration_seconds{command,result}       their latency, admission wait included
     meta_cni_delegate_duration_seconds{plugin,command,result}  each delegate call (built-in or exec'd)
+    meta_cni_worker_attachments_total{result}               attachments made in attachment worker processes
     meta_cni_requests_in_flight / meta_cni_requests_waiting requests running / waiting for a slot
     meta_cni_pending_dels                                   spooled DELs not replayed yet
     meta_cni_pending_del_replays_total{result}              replay attempts
