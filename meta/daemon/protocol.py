@@ -46,7 +46,7 @@ def encode_request(env: "Mapping[str, str]", stdin: bytes) -> bytes:
     parts = []
     for name, value in forwarded_env(env).items():
         if "\0" in name or "=" in name or "\0" in value:
-            raise ValueError(f"environment variable {name!r} cannot be forwarded: NUL byte or '=' in its name")
+            raise ValueError(f"environment variable {name!r} cannot be forwarded: a NUL byte, or '=' in its name")
         parts.append(f"{name}={value}\0".encode(*_ENCODING))
     parts.append(b"\0")
     parts.append(stdin)
