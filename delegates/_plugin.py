@@ -143,8 +143,12 @@ def dispatch(module: ModuleType, args: PluginArgs) -> dict[str, Any] | None:
     return None
 
 
-def render(result: dict[str, Any] | None, version: str) -> bytes:
-    return json.dumps(cniresult.from_current(result, version), indent=4).encode() if result is not None else b""
+def render(result: dict[str, Any] | None, version: str, indent: int | None = 4) -> bytes:
+    """The result as a plugin prints it: indented as the reference plugins print theirs; indent None for a
+    caller that only parses it (in-process: an indent makes json use its pure-Python encoder, ~0.2 ms)."""
+    if result is None:
+        return b""
+    return json.dumps(cniresult.from_current(result, version), indent=indent).encode()
 
 
 def standalone_main(module: ModuleType, name: str) -> int:

@@ -64,4 +64,4 @@ class BuiltinInvoker:
             result = dispatch(module, args)
         except CNIError as e:
             raise CNIError(e.code, f"{inv.where}: {plugin_type} {inv.command}: {e.msg}", e.details) from None
-        return render(result, args.cni_version)
+        return render(result, args.cni_version, indent=None)  # parsed by the caller, never shown
