@@ -68,11 +68,15 @@ class Cache:
         exist": results saved later only make DEL more precise, and DEL of an attachment without its
         result still releases what it holds, so those survive a process crash (rename) and may skip fsync."""
         path = self.path(record.container_id, record.ifname)
+        data = json.dumps(record.to_dict(), separators=(",", ":")).encode()
         try:
-            self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for d in (self.dir, path.parent):
-                d.mkdir(mode=0o700, exist_ok=True)
-            atomicfile.write(path, json.dumps(record.to_dict(), separators=(",", ":")).encode(), durable=durable)
+            try:
+                atomicfile.write(path, data, durable=durable)
+            except FileNotFoundError:  # the first save of this container: its directories first
+                self.dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                for d in (self.dir, path.parent):
+                    d.mkdir(mode=0o700, exist_ok=True)
+                atomicfile.write(path, data, durable=durable)
         except OSError as e:
             raise CNIError(IO_FAILURE, f"cannot write meta-cni cache {path}: {e.strerror}") from None
 
