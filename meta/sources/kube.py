@@ -965,9 +965,10 @@ class KubeSource:
             # The UID is immutable: a patch naming another UID fails (409 precondition or 422 immutable field).
             return bool(uid) and code in (409, 422) and "uid" in server_message(data).lower()
 
+        # raw: the answer is the whole pod, which nothing here reads (parsing it costs a node ~0.2 ms per ADD)
         code, _, data = self.api.call("PATCH", path, action, body=status_patch(status, uid), content_type=MERGE_PATCH,
                                       budget=None if status is not None else CLEAR_STATUS_BUDGET,
-                                      accept=lambda code, data: code == 404 or replaced(code, data))
+                                      accept=lambda code, data: code == 404 or replaced(code, data), raw=True)
         if code == 404:
             log.info("pod %s/%s is gone: no network-status to %s", namespace, name, "write" if status else "clear")
         elif code != 200:
