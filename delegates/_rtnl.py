@@ -14,8 +14,9 @@ Two more costs are cut where the delegates spend most (profiled: ~4 ms of Python
   delegates read three or four of them. Answers are decoded by pyroute2's own message classes, but each
   attribute only when first read (_Lazy); anything that reads the attribute list itself gets it whole.
 - pyroute2's request filters cost ~0.1 ms a request. The simple requests the delegates make most (a link by
-  name or index; set or delete a link by index; add an address) are built straight into the message the
-  filters would make (tests/unit/test_rtnl.py compares the bytes); every other shape still goes through them.
+  name or index; set or delete a link by index; add an address; one link's addresses) are built straight
+  into the message the filters would make (tests/delegates/test_rtnl.py compares the bytes, and the answers);
+  every other shape still goes through them.
 """
 from __future__ import annotations
 
@@ -254,6 +255,10 @@ class Rtnl:
         return [m for index in indexes for m in self.link("get", index=index, **kwarg)]
 
     def get_addr(self, family: int = AF_UNSPEC, match: Any = None, **kwarg: Any) -> list[Any]:
+        index = kwarg.get("index")
+        if match is None and kwarg.keys() == {"index"} and isinstance(index, int) and isinstance(family, int):
+            # The addresses of one link (what the delegates ask): the dump pyroute2 would send, filtered here.
+            return [m for m in self._direct(_IFADDRMSG.pack(family, 0, 0, 0, 0), "dump", ADDR) if m["index"] == index]
         return self.addr("dump", family=family, match=match or kwarg)
 
     def get_routes(self, family: int = 255, match: Any = None, **kwarg: Any) -> list[Any]:

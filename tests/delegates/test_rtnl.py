@@ -167,6 +167,13 @@ def test_requests_and_errors(sock: Rtnl, populated: str) -> None:
         ns.addr("add", index=va["index"], address="10.9.6.1", prefixlen=24, broadcast="10.9.6.255")
         have = {(a.get("address"), a["prefixlen"]) for a in ns.get_addr(index=va["index"])}
         assert ("10.9.6.1", 24) in have
+        # One link's addresses: the same messages as pyroute2's filtered dump.
+        for family in (0, 2, 10):
+            for link in ns.link("dump"):
+                mine = ns.get_addr(family=family, index=link["index"])
+                theirs = ns.addr("dump", family=family, match={"index": link["index"]})
+                assert [plain(full(m)) for m in mine] == [plain(full(m)) for m in theirs]
+        assert len(ns.get_addr(index=ns.link("get", ifname="br0")[0]["index"])) == 3  # v4, v6, v6 link-local
         # Kernel errors are pyroute2's NetlinkError, with the code and text the filtered path gives.
         with pytest.raises(NetlinkError) as direct_error:
             ns.link("get", ifname="nope")
