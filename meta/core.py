@@ -206,9 +206,12 @@ class _Attacher:
         self.lock = threading.Lock()
 
     def attach(self, i: int) -> None:
+        self._done(i, self._make(i))
+
+    def _make(self, i: int) -> dict[str, Any]:
         with self.lock:
             self.started.add(i)
-        self._done(i, chain.add(self.atts[i], self.ctx.invoker, self.base))
+        return chain.add(self.atts[i], self.ctx.invoker, self.base)
 
     def _done(self, i: int, res: dict[str, Any]) -> None:
         with self.lock:
@@ -232,8 +235,9 @@ class _Attacher:
         ones on threads, in-process ones in the daemon's idle attachment workers (meta/invoke/workers.py),
         the rest in this thread. In-process attachments are never spread over threads: they are CPU-bound
         Python, so threads only add GIL and event-loop contention (measured: three built-in attachments took
-        2.6x longer on threads than one after the other)."""
-        self.attach(0)
+        2.6x longer on threads than one after the other). The primary's result is saved once the others
+        are under way: that write then overlaps their work instead of delaying it."""
+        primary = self._make(0)
         rest = list(range(1, len(self.atts)))
         execd = [i for i in rest if not self.in_process(i)] if parallel else []
         mine = [i for i in rest if i not in execd]
@@ -242,6 +246,7 @@ class _Attacher:
         remote = dict(zip(mine, spread.lease(len(mine) - 1))) if spread is not None else {}
         mine = [i for i in mine if i not in remote]
         if not remote and len(execd) < 2 and not (execd and mine):
+            self._done(0, primary)
             for i in rest:
                 self.attach(i)
             return
@@ -256,6 +261,10 @@ class _Attacher:
                 pool = stack.enter_context(ThreadPoolExecutor(max_workers=min(len(execd), MAX_PARALLEL),
                                                               thread_name_prefix="attach"))
                 futures = {i: pool.submit(self.attach, i) for i in execd}
+            try:
+                self._done(0, primary)
+            except Exception as e:  # the others are under way: they finish, then rollback sees all
+                errors[0] = e
             for i in mine:
                 try:
                     self.attach(i)

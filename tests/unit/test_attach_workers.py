@@ -6,6 +6,7 @@ these tests need no root; holding host-local's own flock makes a worker wait for
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -156,3 +157,49 @@ def test_closed_pool_ends_its_workers(tmp_path: Path) -> None:
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists(), "the worker exited"
+
+
+def test_the_primarys_result_is_saved_while_the_others_are_made_and_a_failed_save_undoes_all(
+        workers: Workers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """core's _Attacher: the primary's cache save comes once a worker has the next attachment (so the write
+    overlaps it), before this thread starts its own; when that save fails, every attachment still finishes,
+    the ADD reports the save's error, and rollback frees all three."""
+    from meta import core
+    from meta.cache import Cache, Record
+    from meta.cni import request as cnirequest
+    from meta.cni.errors import IO_FAILURE
+    from meta.config import MetaConfig
+    from meta.plan import PodIdentity
+
+    conf = {"cniVersion": "1.0.0", "name": "meta", "type": "meta-cni", "clusterNetwork": "n0"}
+    req = cnirequest.parse({"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": str(tmp_path),
+                            "CNI_IFNAME": "eth0", "CNI_PATH": ""}, json.dumps(conf).encode())
+    cfg = MetaConfig(name="meta", cni_version="1.0.0", cluster_network="n0", cni_dir=str(tmp_path / "cache"))
+    ctx = core.Context(req=req, cfg=cfg, invoker=BuiltinInvoker(ExecInvoker(10.0), True), spread=spread(workers, []))
+    atts = tuple(attrs.evolve(attachment(tmp_path, f"n{i}"), ifname=f"net{i}") for i in range(3))
+    record = Record(container_id="c1", ifname="eth0", netns=str(tmp_path), cni_version="1.0.0", pod=PodIdentity(),
+                    attachments=atts, results=(None,) * 3)
+    run = core._Attacher(ctx, record)
+    saves: list[tuple[list[int], list[bool]]] = []
+
+    def save(self: Cache, rec: Record, durable: bool = True) -> None:
+        saves.append((sorted(run.started), [r is not None for r in rec.results]))
+        if len(saves) == 1:
+            raise CNIError(IO_FAILURE, "cannot write meta-cni cache: disk full")
+
+    monkeypatch.setattr(Cache, "save", save)
+    with pytest.raises(CNIError, match="disk full"):
+        run.attach_all(parallel=True)
+    assert saves[0] == ([0, 1], [True, False, False]), "saved once net1 went to a worker, before net2 started"
+    assert all(r is not None for r in run.results[1:]), "the other attachments finished"
+    leased = workers.lease(2)
+    try:
+        assert len(leased) == 2, "the worker was given back"
+    finally:
+        for w in leased:
+            workers.give_back(w)
+    held = sorted(p.name for n in range(3) for p in (tmp_path / f"n{n}").glob("10.99.0.*"))
+    assert held == ["10.99.0.2"] * 3
+    monkeypatch.undo()
+    run.rollback(CNIError(IO_FAILURE, "disk full"))
+    assert sorted(p.name for n in range(3) for p in (tmp_path / f"n{n}").glob("10.99.0.*")) == []
