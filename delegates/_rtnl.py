@@ -57,8 +57,12 @@ _NLA_HDR = struct.Struct("HH")
 _IFINFOMSG = struct.Struct("BxHiII")  # family, device type, index, flags, change
 _IFADDRMSG = struct.Struct("BBBBI")  # family, prefix length, flags, scope, index
 _U32 = struct.Struct("I")
-# attribute numbers (linux/if_link.h, linux/if_addr.h)
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
+_U16 = struct.Struct("H")
+# attribute numbers (linux/if_link.h, linux/veth.h, linux/if_addr.h)
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_TXQLEN = 1, 3, 4, 5, 10, 13
+IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+VETH_INFO_PEER, IFLA_MACVLAN_MODE, IFLA_IPVLAN_MODE = 1, 1, 1
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
 _ERRNO = struct.Struct("i")
 _NLA_FLAGS = NLA_F_NESTED | NLA_F_NET_BYTEORDER
@@ -287,13 +291,55 @@ def _nla(kind: int, value: bytes) -> bytes:
     return _NLA_HDR.pack(4 + len(value), kind) + value + b"\0" * (-len(value) % 4)
 
 
+# Link attributes a created link may be given, by keyword: (attribute number, encoder).
+_LINK_ADD_ATTRS: dict[str, tuple[int, Any]] = {
+    "ifname": (IFLA_IFNAME, lambda v: v.encode() + b"\0"),
+    "address": (IFLA_ADDRESS, lambda v: bytes.fromhex(v.replace(":", ""))),
+    "mtu": (IFLA_MTU, _U32.pack), "link": (IFLA_LINK, _U32.pack), "master": (IFLA_MASTER, _U32.pack),
+    "txqlen": (IFLA_TXQLEN, _U32.pack), "net_ns_fd": (IFLA_NET_NS_FD, _U32.pack),
+}
+_MACVLAN_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8, "source": 16}
+
+
+def _link_attrs(kw: dict[str, Any]) -> bytes:
+    """The attributes of `kw`, in its order (as pyroute2's filters); KeyError for a keyword not covered."""
+    return b"".join(_nla(_LINK_ADD_ATTRS[key][0], _LINK_ADD_ATTRS[key][1](value)) for key, value in kw.items())
+
+
+def _link_add(kw: dict[str, Any]) -> bytes | None:
+    """The body of a veth (with its peer), macvlan or ipvlan creation as the delegates ask for it: the
+    attributes in the order given, then the link info (kind, then its data); None for anything else."""
+    kw = dict(kw)
+    kind, state = kw.pop("kind", None), kw.pop("state", None)
+    flags = IFF_UP if state == "up" else 0
+    if state not in (None, "up"):
+        return None
+    if kind == "veth" and isinstance(kw.get("peer"), dict):
+        peer = kw.pop("peer")
+        data = _nla(VETH_INFO_PEER, _IFINFOMSG.pack(0, 0, 0, 0, 0) + _link_attrs(peer))
+    elif kind == "macvlan" and kw.get("macvlan_mode") in _MACVLAN_MODES:
+        data = _nla(IFLA_MACVLAN_MODE, _U32.pack(_MACVLAN_MODES[kw.pop("macvlan_mode")]))
+    elif kind == "ipvlan" and isinstance(kw.get("ipvlan_mode"), int):
+        data = _nla(IFLA_IPVLAN_MODE, _U16.pack(kw.pop("ipvlan_mode")))
+    else:
+        return None
+    info = _nla(IFLA_INFO_KIND, kind.encode() + b"\0") + _nla(IFLA_INFO_DATA, data)
+    return _IFINFOMSG.pack(0, 0, 0, flags, flags) + _link_attrs(kw) + _nla(IFLA_LINKINFO, info)
+
+
 def _simple_link(command: str, kw: dict[str, Any]) -> bytes | None:
-    """The body pyroute2's filters make of a link get by name or index, or a set/del by index of the up/down
-    state or the flags, the address, the name, the MTU; None for any other request."""
+    """The body pyroute2's filters make of a link get by name or index, a set/del by index of the up/down
+    state or the flags, the address, the name, the MTU, or a veth/macvlan/ipvlan creation (_link_add); None
+    for any other request."""
     index, flags, change, nlas = 0, 0, 0, b""
+    if command == "add":
+        try:
+            return _link_add(kw)
+        except (KeyError, AttributeError, TypeError, ValueError, struct.error):
+            return None  # pyroute2's filters say what is wrong with it
     if command == "get":
         if kw.keys() == {"ifname"} and isinstance(kw["ifname"], str):
-            nlas = _nla(IFLA_IFNAME, kw["ifname"].encode() + b"\0")
+            nlas = _link_attrs(kw)
         elif kw.keys() == {"index"} and isinstance(kw["index"], int):
             index = kw["index"]
         else:
@@ -311,14 +357,8 @@ def _simple_link(command: str, kw: dict[str, Any]) -> bytes | None:
             if not (isinstance(kw.get("flags"), int) and isinstance(kw.get("change"), int)):
                 return None
             flags, change = kw["flags"], kw["change"]
-        try:  # in the order given, as pyroute2's filters
-            for key, value in kw.items():
-                if key == "address":
-                    nlas += _nla(IFLA_ADDRESS, bytes.fromhex(value.replace(":", "")))
-                elif key == "ifname":
-                    nlas += _nla(IFLA_IFNAME, value.encode() + b"\0")
-                elif key == "mtu":
-                    nlas += _nla(IFLA_MTU, _U32.pack(value))
+        try:
+            nlas = _link_attrs({key: value for key, value in kw.items() if key in ("address", "ifname", "mtu")})
         except (AttributeError, TypeError, ValueError, struct.error):
             return None  # pyroute2's filters say what is wrong with it
     else:
