@@ -2,11 +2,11 @@
 
 pyroute2 (0.9) runs every IPRoute call through an asyncio event loop of its own: a task, a message queue and
 several loop iterations per request, about half of the ~0.8 ms each request costs a daemon ADD (a pod's
-attachments make some 25 of them). This class keeps everything that gives a request its meaning from
-pyroute2 (the message classes, the request filters that turn `kind="veth", peer={...}` or `state="up"`
-into fields and attributes, NetlinkRequest's message set-up, the rtnetlink Marshal that decodes answers
-and turns kernel errors into NetlinkError) and only does the socket I/O itself, blocking, on a plain
-netlink socket: the same bytes go to the kernel and the same messages come back.
+attachments made some 25 of them). This class keeps what gives a request and an answer its meaning from
+pyroute2 (the message classes that decode answers, the request filters that turn `kind="veth", peer={...}`
+or `state="up"` into fields and attributes, NetlinkRequest's message set-up, the rtnetlink Marshal that
+turns kernel errors into NetlinkError) and does the socket I/O itself, blocking, on a plain netlink socket:
+the same bytes go to the kernel and the same messages come back.
 
 Two more costs are cut where the delegates spend most (profiled: ~4 ms of Python per attachment, against
 ~1 ms in the kernel):
