@@ -13,9 +13,9 @@ Two more costs are cut where the delegates spend most (profiled: ~4 ms of Python
 - pyroute2 decodes an answer by building an object per attribute: some 40 for a link, ~0.13 ms, while the
   delegates read three or four of them. Answers are decoded by pyroute2's own message classes, but each
   attribute only when first read (_Lazy); anything that reads the attribute list itself gets it whole.
-- pyroute2's request filters cost ~0.1 ms a request. The simple requests the delegates make most (a link by
-  name or index; set or delete a link by index; add an address; one link's addresses) are built straight
-  into the message the filters would make (tests/delegates/test_rtnl.py compares the bytes, and the answers);
+- pyroute2's request filters cost ~0.1 ms a request. The requests the delegates make most (a link by name or
+  index; set or delete a link by index; create a veth, macvlan or ipvlan; add an address; one link's
+  addresses) are built straight into the message the filters would make (tests/delegates/test_rtnl.py compares the bytes, and the answers);
   every other shape still goes through them.
 """
 from __future__ import annotations
@@ -51,8 +51,7 @@ ROUTE = {"add": (RTM_NEWROUTE, "create"), "set": (RTM_NEWROUTE, "replace"), "rep
 VLAN_FILTER = {"add": (RTM_SETLINK, "req"), "del": (RTM_DELLINK, "req")}
 
 
-_NLMSGHDR = struct.Struct("IHHI")  # length, type, flags, sequence number (the port id is not needed)
-_NLMSGHDR_FULL = struct.Struct("IHHII")
+_NLMSGHDR = struct.Struct("IHHII")  # length, type, flags, sequence number, port id
 _NLA_HDR = struct.Struct("HH")
 _IFINFOMSG = struct.Struct("BxHiII")  # family, device type, index, flags, change
 _IFADDRMSG = struct.Struct("BBBBI")  # family, prefix length, flags, scope, index
@@ -194,7 +193,7 @@ class Rtnl:
             data = self._sock.recv(BUFFER)
             offset, size = 0, len(data)
             while offset <= size - 16:
-                length, kind, flags, number = _NLMSGHDR.unpack_from(data, offset)
+                length, kind, flags, number, _ = _NLMSGHDR.unpack_from(data, offset)
                 if not 16 <= length <= size - offset:
                     break
                 start, offset = offset, offset + length
@@ -204,11 +203,11 @@ class Rtnl:
                     return out
                 if kind == NLMSG_ERROR:
                     if _ERRNO.unpack_from(data, start + 16)[0]:
-                        raise next(iter(self.marshal.parse(data[start:offset], seq)))["header"]["error"]
+                        raise self._by_marshal(data[start:offset], seq)["header"]["error"]
                     return out
                 cls = _ANSWERS.get(kind)
                 if cls is None:
-                    msg = next(iter(self.marshal.parse(data[start:offset], seq)))
+                    msg = self._by_marshal(data[start:offset], seq)
                 else:
                     msg = cls(data, offset=start)
                     msg.decode()
@@ -217,11 +216,15 @@ class Rtnl:
                 if not flags & NLM_F_MULTI:
                     return out
 
+    def _by_marshal(self, message: bytes, seq: int) -> Any:
+        """One message as pyroute2's Marshal decodes it (a kernel error becomes its header's NetlinkError)."""
+        return next(iter(self.marshal.parse(message, seq)))
+
     def _direct(self, body: bytes, command: str, command_map: dict[str, tuple[int, str]]) -> list[Any]:
         """A request built without pyroute2's request filters, its header as NetlinkRequest sets it."""
         msg_type, flags = command_map[command]
         seq = self.addr_pool.alloc()
-        return self._exchange(_NLMSGHDR_FULL.pack(16 + len(body), msg_type, NetlinkRequest.flags[flags], seq,
+        return self._exchange(_NLMSGHDR.pack(16 + len(body), msg_type, NetlinkRequest.flags[flags], seq,
                                                   self.epid) + body, seq)
 
     def _request(self, mode: str, message: Any, command: str, command_map: dict[str, tuple[int, str]],
@@ -298,6 +301,8 @@ _LINK_ADD_ATTRS: dict[str, tuple[int, Any]] = {
     "mtu": (IFLA_MTU, _U32.pack), "link": (IFLA_LINK, _U32.pack), "master": (IFLA_MASTER, _U32.pack),
     "txqlen": (IFLA_TXQLEN, _U32.pack), "net_ns_fd": (IFLA_NET_NS_FD, _U32.pack),
 }
+# What a simple link set may change beside the up/down state or the flags.
+_LINK_SET_ATTRS = ("address", "ifname", "mtu")
 _MACVLAN_MODES = {"private": 1, "vepa": 2, "bridge": 4, "passthru": 8, "source": 16}
 
 
@@ -346,7 +351,7 @@ def _simple_link(command: str, kw: dict[str, Any]) -> bytes | None:
             return None
     elif command in ("set", "del"):
         keys = kw.keys() - {"index"}
-        if not isinstance(kw.get("index"), int) or not keys <= {"state", "flags", "change", "address", "ifname", "mtu"}:
+        if not isinstance(kw.get("index"), int) or not keys <= {"state", "flags", "change", *_LINK_SET_ATTRS}:
             return None
         index = kw["index"]
         if "state" in kw:
@@ -358,7 +363,7 @@ def _simple_link(command: str, kw: dict[str, Any]) -> bytes | None:
                 return None
             flags, change = kw["flags"], kw["change"]
         try:
-            nlas = _link_attrs({key: value for key, value in kw.items() if key in ("address", "ifname", "mtu")})
+            nlas = _link_attrs({key: value for key, value in kw.items() if key in _LINK_SET_ATTRS})
         except (AttributeError, TypeError, ValueError, struct.error):
             return None  # pyroute2's filters say what is wrong with it
     else:

@@ -37,7 +37,7 @@ def direct(sock: Rtnl, mode: str, command: str, kwarg: dict[str, Any]) -> bytes 
     if body is None:
         return None
     msg_type, flags = (LINK if mode == "link" else ADDR)[command]
-    return _rtnl._NLMSGHDR_FULL.pack(16 + len(body), msg_type, NetlinkRequest.flags[flags], 7, sock.epid) + body
+    return _rtnl._NLMSGHDR.pack(16 + len(body), msg_type, NetlinkRequest.flags[flags], 7, sock.epid) + body
 
 
 SIMPLE = [
@@ -147,7 +147,7 @@ def names(msg: Any) -> list[str]:
     return sorted({str(a[0]) for a in msg["attrs"]})
 
 
-def test_lazy_answers_read_as_pyroute2s(sock: Rtnl, populated: str) -> None:
+def test_lazy_answers_read_as_pyroute2s(populated: str) -> None:
     with entered(populated):
         ns = Rtnl()
     try:
@@ -176,7 +176,7 @@ def test_lazy_answers_read_as_pyroute2s(sock: Rtnl, populated: str) -> None:
         ns.close()
 
 
-def test_requests_and_errors(sock: Rtnl, populated: str) -> None:
+def test_requests_and_errors(populated: str) -> None:
     with entered(populated):
         ns = Rtnl()
     try:
